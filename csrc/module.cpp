@@ -1,0 +1,19 @@
+// The Python module t3d_kernels._C: each op's file contributes its functions through an init_* hook, so
+// the module is declared once and an op's C++ lives in files named after it.
+#include <torch/extension.h>
+
+namespace t3d {
+void init_ttl(pybind11::module& m);
+}  // namespace t3d
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "t3d-kernels compiled kernels (CPU; CUDA when built with it)";
+  m.def("built_with_cuda", []() {
+#ifdef WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+  t3d::init_ttl(m);
+}

@@ -1,0 +1,40 @@
+"""Builds ``t3d_kernels._C``: the C++ CPU kernels always, the CUDA kernels when torch has CUDA and nvcc is
+found (or FORCE_CUDA=1), as torchvision does. Install with ``pip install --no-build-isolation -e .`` so the
+torch already installed is used (build isolation would download another torch)."""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+
+
+def extensions():
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    define_macros = []
+    force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+    use_cuda = force_cuda or (torch.version.cuda is not None and CUDA_HOME is not None)
+    if os.environ.get("T3D_NO_CUDA", "0") == "1":
+        use_cuda = False
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx})
+    if use_cuda:
+        define_macros.append(("WITH_CUDA", None))
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        return [CUDAExtension("t3d_kernels._C", sources + _sources("csrc/cuda/*.cu"), define_macros=define_macros, **kwargs)]
+    return [CppExtension("t3d_kernels._C", sources, define_macros=define_macros, **kwargs)]
+
+
+setup(
+    packages=find_packages(include=["t3d_kernels*", "t3d*", "benchmarks*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

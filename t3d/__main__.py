@@ -1,0 +1,3 @@
+from t3d.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,24 @@
+"""t3d-kernels: fused kernels for Temporal 3D ConvNets (T3D, Diba et al. 2017).
+
+Ops: :func:`ttl` (multi-depth temporal convolution of the Temporal Transition Layer). Modules:
+:class:`TemporalTransition`, :class:`DenseLayer3d`, :class:`DenseBlock3d`; :func:`fuse` switches a model's
+modules to the fused backends. :mod:`t3d_kernels.reference` holds the plain-PyTorch ground truth.
+"""
+
+from . import reference
+from .backends import BackendError, backends
+from .nn import DenseBlock3d, DenseLayer3d, TemporalTransition, fuse
+from .ops import ttl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "DenseBlock3d",
+    "DenseLayer3d",
+    "TemporalTransition",
+    "backends",
+    "fuse",
+    "reference",
+    "ttl",
+]

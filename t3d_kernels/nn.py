@@ -1,0 +1,202 @@
+"""Modules over the ops: ``TemporalTransition``, ``DenseLayer3d``, ``DenseBlock3d`` and :func:`fuse`.
+
+Parameters and state_dict keys never depend on the backend: the backend is a plain attribute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from . import reference
+from .backends import _REGISTRY, BackendError
+from .ops.ttl import ttl
+
+__all__ = ["TemporalTransition", "DenseLayer3d", "DenseBlock3d", "fuse", "split_channels"]
+
+
+def split_channels(total: int, parts: int) -> list[int]:
+    """Split ``total`` channels evenly over ``parts`` branches; earlier branches take the remainder."""
+    if parts < 1 or total < parts:
+        raise ValueError(f"out_channels: expected at least one channel per branch ({parts}), got {total}")
+    base, rem = divmod(total, parts)
+    return [base + (1 if i < rem else 0) for i in range(parts)]
+
+
+def _check_backend(op: str, backend: str) -> str:
+    if backend != "auto" and backend not in _REGISTRY[op]:
+        raise BackendError(f"backend: expected 'auto' or one of {sorted(_REGISTRY[op])}, got {backend!r}")
+    return backend
+
+
+class _BackendModule(nn.Module):
+    _op = ""
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = _check_backend(self._op, value)
+
+    def extra_repr(self) -> str:
+        return f"backend={self._backend!r}"
+
+
+class TemporalTransition(_BackendModule):
+    """Temporal Transition Layer (T3D): shared BN-ReLU, parallel convs of several temporal depths, concat,
+    AvgPool3d(2).
+
+    Args:
+        in_channels: C_in of the input (N, C_in, T, H, W).
+        out_channels: total output channels, split evenly over the branches (earlier branches take the
+            remainder). Ignored when ``branch_channels`` is given.
+        depths: temporal depth of each branch. A depth-1 branch is a 1x1x1 conv, the others d x k x k.
+        branch_channels: channels per branch (an int for all, or one per branch), e.g. 128 as the
+            official T3D code.
+        kernel_size: spatial kernel (odd) of the branches of depth > 1.
+        pool: apply the 2x2x2 average pooling (output (N, C_out, T//2, H//2, W//2)).
+        backend: "auto" or a name from :func:`t3d_kernels.backends`.
+    """
+
+    _op = "ttl"
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        depths: Sequence[int] = (1, 3, 6),
+        *,
+        branch_channels: int | Sequence[int] | None = None,
+        kernel_size: int = 3,
+        pool: bool = True,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        depths = tuple(int(d) for d in depths)
+        if not depths or min(depths) < 1:
+            raise ValueError(f"depths: expected a non-empty sequence of integers >= 1, got {depths}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size: expected an odd integer >= 1, got {kernel_size}")
+        if branch_channels is None:
+            if out_channels is None:
+                raise ValueError("out_channels: expected an integer (or pass branch_channels), got None")
+            channels = split_channels(out_channels, len(depths))
+        elif isinstance(branch_channels, int):
+            channels = [branch_channels] * len(depths)
+        else:
+            channels = list(branch_channels)
+            if len(channels) != len(depths):
+                raise ValueError(f"branch_channels: expected {len(depths)} values (one per depth), got {channels}")
+        self.in_channels, self.out_channels, self.depths, self.pool = in_channels, sum(channels), depths, pool
+        self.norm = nn.BatchNorm3d(in_channels, eps=eps, momentum=momentum)
+        self.branches = nn.ModuleList(
+            nn.Conv3d(in_channels, c, (d, 1, 1) if d == 1 else (d, kernel_size, kernel_size), bias=False)
+            for c, d in zip(channels, depths)
+        )
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.norm
+        training = bn.training or bn.running_mean is None
+        if training and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        return ttl(
+            x,
+            bn.weight,
+            bn.bias,
+            bn.running_mean,
+            bn.running_var,
+            [b.weight for b in self.branches],
+            training=training,
+            momentum=bn.momentum,
+            eps=bn.eps,
+            pool=self.pool,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, depths={self.depths}, pool={self.pool}, " + super().extra_repr()
+
+
+def _bn_args(bn: nn.BatchNorm3d):
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+
+class DenseLayer3d(nn.Module):
+    """One DenseNet-3D layer (torchvision's names): norm1-relu1-conv1 (1x1x1 to bn_size*k), norm2-relu2-conv2
+    (3x3x3 to k). Input (N, C, T, H, W), output the k new channels (N, k, T, H, W)."""
+
+    def __init__(self, in_channels: int, growth_rate: int = 32, bn_size: int = 4, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm3d(in_channels, eps=eps)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv3d(in_channels, bn_size * growth_rate, 1, bias=False)
+        self.norm2 = nn.BatchNorm3d(bn_size * growth_rate, eps=eps)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv3d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for bn in (self.norm1, self.norm2):
+            if bn.training and bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+        return reference.dense_layer(
+            x,
+            _bn_args(self.norm1),
+            self.conv1.weight,
+            _bn_args(self.norm2),
+            self.conv2.weight,
+            training=self.training,
+            momentum=self.norm1.momentum,
+            eps=self.norm1.eps,
+        )
+
+
+class DenseBlock3d(_BackendModule):
+    """DenseNet-3D dense block: output ``cat([x, f_1, ..., f_L])`` of (N, C_0 + L*k, T, H, W).
+
+    Children are ``denselayer1`` ... ``denselayerL`` (torchvision's names).
+    """
+
+    _op = "dense_block"
+
+    def __init__(
+        self,
+        num_layers: int,
+        in_channels: int,
+        growth_rate: int = 32,
+        bn_size: int = 4,
+        eps: float = 1e-5,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers}")
+        self.in_channels, self.growth_rate, self.num_layers = in_channels, growth_rate, num_layers
+        self.out_channels = in_channels + num_layers * growth_rate
+        for i in range(num_layers):
+            self.add_module(f"denselayer{i + 1}", DenseLayer3d(in_channels + i * growth_rate, growth_rate, bn_size, eps))
+        self.backend = backend
+
+    def layers(self) -> list[DenseLayer3d]:
+        return [m for m in self.children() if isinstance(m, DenseLayer3d)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.layers():
+            features.append(layer(torch.cat(features, 1)))
+        return torch.cat(features, 1)
+
+
+def fuse(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Switch every TTL and dense block of ``model`` to ``backend`` (default: the fastest for the device), in
+    place, keeping the weights; returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, _BackendModule):
+            module.backend = backend
+    return model
