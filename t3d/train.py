@@ -485,5 +485,187 @@ def init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]
     return load_model_weights(model, path)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # replaced below once the CLI lands
-    pass
+# ------------------------------------------------------------------------------------------------ t3d train CLI
+def model_registry() -> dict[str, Callable[..., nn.Module]]:
+    """Models ``--model`` accepts: the T3D family plus the frame-averaging 2D baseline ``frame2d``."""
+    from .baselines import frame2d
+    from .models import MODELS
+
+    return {**MODELS, "frame2d": frame2d}
+
+
+def build_model(name: str, num_classes: int, backend: str = "auto", dropout: float = 0.0) -> nn.Module:
+    registry = model_registry()
+    if name not in registry:
+        raise ValueError(f"--model: expected one of {sorted(registry)}, got {name!r}")
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "backend": backend}
+    if dropout and name != "frame2d":
+        kwargs["dropout"] = dropout
+    return registry[name](**kwargs)
+
+
+def parse_clip(text: str) -> tuple[int, int, int]:
+    """'16x112x112' -> (16, 112, 112) (frames x crop height x crop width)."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--clip: expected TxHxW with positive integers (e.g. 16x112x112), got {text!r}")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _resolve_hflip(choice: str, data_dir: str) -> bool:
+    from .data import dataset_hints
+
+    if choice == "auto":
+        return bool(dataset_hints(data_dir).get("hflip", True))
+    return choice == "on"
+
+
+def run(args: argparse.Namespace) -> int:
+    from .data import ClipTransform, EpochSampler, build_dataset, make_loader
+    from .distributed import cleanup, init_distributed
+
+    clip = parse_clip(args.clip)
+    if args.model in model_registry() and args.model != "frame2d":
+        from .models import clip_stage_shapes
+
+        try:
+            clip_stage_shapes(clip)
+        except ValueError as exc:
+            raise ValueError(f"--clip: {exc}") from exc
+    if args.resume and args.init:
+        raise ValueError("--resume and --init: expected at most one (resume continues a run, init starts a new one)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = init_distributed(args.device)
+    try:
+        hflip = _resolve_hflip(args.hflip, args.data_dir)
+        transform = ClipTransform(clip[1:], resize=args.resize, train=True, hflip=hflip)
+        dataset = build_dataset(
+            args.data_dir, format=args.format, split=args.split, fold=args.fold, annotations=args.annotations,
+            clip_len=clip[0], frame_stride=args.frame_stride, mode="train", transform=transform, seed=args.seed,
+        )
+        seed_everything(args.seed)
+        model = build_model(args.model, len(dataset.classes), args.backend, args.dropout)
+        if args.init:
+            report = init_from(model, args.init)
+            if ctx.is_main:
+                print(
+                    f"--init: loaded {len(report['loaded'])} tensors from {args.init}; "
+                    f"re-initialised {report['reinitialized'] or 'none'}"
+                )
+        config = TrainConfig(
+            epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+            nesterov=not args.no_nesterov, schedule=args.schedule, warmup_steps=args.warmup_steps,
+            milestones=tuple(args.milestones), gamma=args.gamma, accum_steps=args.accum_steps, amp=args.amp,
+            grad_clip=args.grad_clip, save_every=args.save_every, max_steps=args.max_steps, out_dir=args.out,
+            seed=args.seed, freeze_bn=args.freeze_bn, progress=not args.no_progress,
+        )
+        sampler = EpochSampler(len(dataset), args.batch_size, args.seed, rank=ctx.rank, world_size=ctx.world_size)
+        loader = make_loader(
+            dataset, args.batch_size, sampler=sampler, workers=args.workers, seed=args.seed,
+            pin_memory=ctx.device.type == "cuda",
+        )
+        optimizer = make_optimizer(model, config)
+        scheduler = make_scheduler(optimizer, config, sampler.batches_per_epoch // config.accum_steps)
+        meta = {
+            "model": args.model, "backend": args.backend, "num_classes": len(dataset.classes),
+            "classes": dataset.classes, "clip": list(clip), "frame_stride": args.frame_stride,
+            "resize": transform.resize, "format": args.format, "fold": args.fold, "dropout": args.dropout,
+            "data_dir": os.path.abspath(args.data_dir), "world_size": ctx.world_size,
+            "global_batch": args.batch_size * ctx.world_size * config.accum_steps,
+        }
+        trainer = Trainer(model, optimizer, loader, scheduler=scheduler, config=config, ctx=ctx, meta=meta)
+        resume = args.resume
+        if resume == "auto":
+            candidate = os.path.join(args.out, "last.pt")
+            resume = candidate if os.path.isfile(candidate) else None
+        if resume:
+            trainer.resume(resume)
+            if ctx.is_main:
+                print(f"resumed from {resume}: epoch {trainer.epoch + 1}, step {trainer.step}, "
+                      f"batch {trainer.position}")
+        if ctx.is_main:
+            print(
+                f"training {args.model} (backend {args.backend}) on {len(dataset)} videos, {len(dataset.classes)} "
+                f"classes, clip {args.clip}, global batch {meta['global_batch']} ({ctx.world_size} process(es), "
+                f"device {ctx.device}), {trainer.steps_per_epoch} steps/epoch, hflip {hflip}"
+            )
+        history = trainer.fit()
+        if ctx.is_main and history:
+            last = history[-1]
+            print(f"done: step {trainer.step}, last epoch loss {last['loss']:.4f}; checkpoint {args.out}/last.pt")
+    finally:
+        cleanup(ctx)
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def add_common_data_args(p: argparse.ArgumentParser) -> None:
+    from .data import FORMATS
+
+    p.add_argument("data_dir", help="dataset root (UCF101/HMDB51 with split files, Kinetics with CSVs, class folders)")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="dataset layout (default: detected)")
+    p.add_argument("--fold", type=int, default=1, help="official split number of UCF101/HMDB51 (1..3)")
+    p.add_argument("--annotations", default=None, help="Kinetics CSV (default: DATA_DIR/<split>.csv)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    p.add_argument("--backend", default="auto", help="backend of the TTLs and dense blocks (auto, reference, ...)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (default: torch's)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune a T3D model on a video dataset",
+        description="Train (or fine-tune with --init) a model on a video dataset. Multi-process: "
+        "torchrun --nproc_per_node N -m t3d train ... (gloo on CPU, nccl on GPUs).",
+    )
+    add_common_data_args(p)
+    p.add_argument("--out", required=True, help="output directory (checkpoints last.pt, log.jsonl)")
+    p.add_argument("--split", default="train", help="split to train on (default train)")
+    p.add_argument("--model", default="t3d121", help="t3d121, t3d169, t3d_tiny or frame2d (default t3d121)")
+    p.add_argument("--clip", default="16x112x112", help="frames x crop height x crop width (default 16x112x112)")
+    p.add_argument("--frame-stride", type=int, default=1, help="temporal stride between sampled frames")
+    p.add_argument("--resize", type=int, default=None, help="short side before cropping (default 8/7 of the crop)")
+    p.add_argument("--hflip", default="auto", choices=("auto", "on", "off"),
+                   help="random horizontal flip (auto: on unless the dataset declares otherwise)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8, help="clips per process per micro-batch (default 8)")
+    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=0.1, help="learning rate at the global batch (default 0.1)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov")
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "step", "constant"))
+    p.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps of linear warmup")
+    p.add_argument("--milestones", type=_int_list, default=[], help="epochs where --schedule step multiplies "
+                   "the lr by --gamma, e.g. 10,20")
+    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
+                   help="mixed precision (auto: bf16/fp16 on CUDA, off on CPU)")
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value")
+    p.add_argument("--freeze-bn", action="store_true", help="BatchNorm in eval mode (running statistics)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (and each epoch)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (checkpoint written)")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' (OUT/last.pt if present)")
+    p.add_argument("--init", default=None, help="initialise from a checkpoint or transferred-student export")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar and no per-epoch lines")
+    p.set_defaults(func=run)
