@@ -41,9 +41,10 @@ def _make(case, dtype, device, seed):
     n, c, t, h, w, specs, _, _, _, layout = case
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, t, h, w if layout != "sliced" else 2 * w, generator=gen, dtype=torch.float64)
-    bn = [torch.rand(c, generator=gen, dtype=torch.float64) + 0.5, 0.2 * torch.randn(c, generator=gen, dtype=torch.float64)]
-    stats = [0.1 * torch.randn(c, generator=gen, dtype=torch.float64), torch.rand(c, generator=gen, dtype=torch.float64) + 0.5]
-    ws = [torch.randn(ci, c, d, kh, kw, generator=gen, dtype=torch.float64) / (c * d * kh * kw) ** 0.5 for ci, d, kh, kw in specs]
+    f64 = dict(generator=gen, dtype=torch.float64)
+    bn = [torch.rand(c, **f64) + 0.5, 0.2 * torch.randn(c, **f64)]
+    stats = [0.1 * torch.randn(c, **f64), torch.rand(c, **f64) + 0.5]
+    ws = [torch.randn(ci, c, d, kh, kw, **f64) / (c * d * kh * kw) ** 0.5 for ci, d, kh, kw in specs]
     to_dev = lambda v: v.to(device=device, dtype=dtype)  # noqa: E731
     x = to_dev(x)
     if layout == "sliced":
@@ -71,19 +72,19 @@ def _run(case, dtype, device, backend, seed=0):
     gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     grads = torch.autograd.grad(y, leaves, gy)
     names = ["y", "grad_x", "grad_bn_weight", "grad_bn_bias"] + [f"grad_weights[{i}]" for i in range(len(ws))]
-    out = dict(zip(names, [y, *grads]))
+    out = dict(zip(names, [y, *grads], strict=True))
     out["running_mean"], out["running_var"] = rm, rv
     return out
 
 
-def check_case(case, device: str, dtype: torch.dtype) -> list[str]:
-    """Failures (empty when the Triton backend matches the reference within tolerance)."""
+def check_case(case, device: str, dtype: torch.dtype, backend: str = "triton") -> list[str]:
+    """Failures (empty when the backend matches the reference within tolerance)."""
     from t3d_kernels.triton import ttl as triton_ttl
 
     triton_ttl._split_override = case[8]
     try:
         exact = _run(case, torch.float64, "cpu", "reference")
-        ours = _run(case, dtype, device, "triton")
+        ours = _run(case, dtype, device, backend)
     finally:
         triton_ttl._split_override = None
     torch_own = [_run(case, dtype, device, b) for b in ("reference", "composite")]
@@ -105,6 +106,8 @@ def check_case(case, device: str, dtype: torch.dtype) -> list[str]:
 
 def main(argv: list[str]) -> int:
     device = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
+    # --backend cuda checks the CUDA C++ backend with the same cases (on a GPU machine)
+    backend = argv[argv.index("--backend") + 1] if "--backend" in argv else "triton"
     if device == "cuda":
         # compare exact fp32 arithmetic with the float64 reference (the kernels follow cudnn.allow_tf32)
         torch.backends.cudnn.allow_tf32 = False
@@ -113,17 +116,16 @@ def main(argv: list[str]) -> int:
     failures = []
     for dtype in dtypes:
         for case in CASES:
-            print(f"{device} {dtype} {case}")
-            failures += check_case(case, device, dtype)
-    print("\n".join(failures) if failures else "all Triton TTL checks passed")
+            print(f"{backend} {device} {dtype} {case}")
+            failures += check_case(case, device, dtype, backend)
+    print("\n".join(failures) if failures else f"all {backend} TTL checks passed")
     return 1 if failures else 0
 
 
 def _run_subprocess(extra_env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, **extra_env}
-    return subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.triton
@@ -131,7 +133,7 @@ def test_triton_ttl_matches_reference_interpreted():
     pytest.importorskip("triton")
     proc = _run_subprocess({"TRITON_INTERPRET": "1"}, [])
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
-    assert "all Triton TTL checks passed" in proc.stdout
+    assert "all triton TTL checks passed" in proc.stdout
 
 
 @pytest.mark.cuda

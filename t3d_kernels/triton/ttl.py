@@ -119,7 +119,8 @@ def _conv_fwd_kernel(
         for k0 in range(0, C_in, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < C_in
-            a = tl.load(src_ptr + row[:, None] + tap_off + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            a_mask = m_mask[:, None] & k_mask[None, :]
+            a = tl.load(src_ptr + row[:, None] + tap_off + offs_k[None, :], mask=a_mask, other=0.0)
             b = tl.load(
                 w_ptr + (tap * C_in + offs_k)[:, None] * C_br + offs_n[None, :],
                 mask=k_mask[:, None] & n_mask[None, :],
@@ -356,7 +357,7 @@ class _Geometry:
         self.c_total = sum(int(w.shape[0]) for w in weights)
         self.branches = []
         c_off = 0
-        for w, (f, _) in zip(weights, pads):
+        for w, (f, _) in zip(weights, pads, strict=False):
             c_br, _, d, kh, kw = (int(s) for s in w.shape)
             origin = (self.front - f, self.ph - kh // 2, self.pw - kw // 2)
             self.branches.append((c_off, c_br, d, kh, kw, origin))
@@ -428,7 +429,7 @@ def forward(
     scale, shift, _ = _fold_bn(bn_weight, bn_bias, mean, var, eps, acc_torch)
     src = _box_source(x, scale, shift, g, dtype)
     plans = []
-    for w, (c_off, c_br, d, kh, kw, origin) in zip(weights, g.branches):
+    for w, (c_off, c_br, d, kh, kw, origin) in zip(weights, g.branches, strict=False):
         cfg = _fwd_config(g, c_br, dtype, x.device)
         grid_mn = triton.cdiv(g.M, cfg["BLOCK_M"]) * triton.cdiv(c_br, cfg["BLOCK_N"])
         n_taps = d * kh * kw
@@ -484,7 +485,7 @@ def backward(
     gy = grad_y.to(dtype).contiguous()
     grad_src = torch.zeros((g.N, g.Ts, g.Hs, g.Ws, g.C), device=x.device, dtype=acc_torch)
     grad_weights = []
-    for w, (c_off, c_br, d, kh, kw, (t0, h0, w0)) in zip(weights, g.branches):
+    for w, (c_off, c_br, d, kh, kw, (t0, h0, w0)) in zip(weights, g.branches, strict=False):
         n_taps = d * kh * kw
         # --- grad W: (tap, ci, co) = sum over positions src * grad_y
         if interp:
