@@ -439,10 +439,10 @@ def build_dataset(
     seed: int = 0,
     check_clip: bool = True,
 ) -> VideoDataset:
-    """:func:`find_records` + :class:`VideoDataset` (+ the clip-length check). ``mode`` defaults to "train" for
-    the train split, else "test"."""
+    """:func:`find_records` + :class:`VideoDataset` (+ the clip-length check). ``mode`` defaults to "test" for the
+    test/val splits, else "train"."""
     records, classes = find_records(root, format, split, fold, annotations)
-    mode = mode or ("train" if split == "train" else "test")
+    mode = mode or ("test" if split in ("test", "val", "validate") else "train")
     ds = VideoDataset(records, classes, clip_len, frame_stride, mode, num_clips, transform, seed)
     if check_clip:
         ds.check_clip_fits()
