@@ -1,0 +1,88 @@
+"""Multi-process training: ``torchrun --nproc_per_node 2 -m t3d train`` on CPU (gloo) equals one process with the
+same global batch.
+
+BatchNorm: with DDP each process normalizes with the statistics of its own half of the global batch, and
+SyncBatchNorm cannot reach the BN inside the fused TTL / dense-block ops. So the comparison uses ``--freeze-bn``
+(BN uses its running statistics, identical in every process): then the gradient of the global batch is exactly the
+mean of the two halves' gradients, and
+
+- one process with batch 4 x 2 accumulation steps does the same arithmetic as DDP (each half's mean loss / 2,
+  summed; DDP: all-reduce sum / 2): the weights must be *bitwise* equal;
+- one process with batch 8 differs only in the order of the float32 sums of the batch mean: equal to a tolerance
+  of float32 rounding (observed: 6e-8 absolute on weights of magnitude ~1).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from _synthetic_fixtures import CLIP, keep_threads, make_dataset
+
+from t3d.checkpoint import load_checkpoint
+from t3d.cli import main as cli_main
+from t3d.distributed import DistContext, all_reduce_sum, init_distributed
+
+ARGS = ["--model", "t3d_tiny", "--backend", "reference", "--clip", CLIP, "--epochs", "1", "--lr", "0.05",
+        "--freeze-bn", "--no-progress", "--threads", "1", "--workers", "0"]
+
+
+def _params(path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(path)["model"]
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def test_single_process_context(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = init_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.distributed, ctx.backend) == (0, 1, True, False, None)
+    x = torch.arange(3.0)
+    assert all_reduce_sum(x, DistContext()) is x
+    with pytest.raises(ValueError, match="--device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        init_distributed("tpu-ish:x")
+
+
+@pytest.mark.slow
+def test_two_process_gloo_equals_one_process_same_global_batch(tmp_path):
+    data = make_dataset(str(tmp_path / "syn"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "t3d",
+           "train", data, "--out", str(tmp_path / "ddp"), *ARGS, "--batch-size", "4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "global batch 8 (2 process(es)" in proc.stdout
+    with keep_threads(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli_main(["train", data, "--out", str(tmp_path / "one"), *ARGS, "--batch-size", "8"]) == 0
+        assert cli_main(["train", data, "--out", str(tmp_path / "accum"), *ARGS, "--batch-size", "4",
+                         "--accum-steps", "2"]) == 0
+    # rank 0 alone writes: one checkpoint, one log line per epoch
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["last.pt", "log.jsonl"]
+    assert len((tmp_path / "ddp" / "log.jsonl").read_text().splitlines()) == 1
+    ckpt = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert ckpt["meta"]["world_size"] == 2 and ckpt["step"] == 4
+    ddp, one, accum = _params(tmp_path / "ddp" / "last.pt"), _params(tmp_path / "one" / "last.pt"), _params(
+        tmp_path / "accum" / "last.pt")
+    initial = _params_after_zero_steps(data, tmp_path)
+    moved = max((ddp[k] - initial[k]).abs().max().item() for k in ddp)
+    assert moved > 1e-3  # training really happened
+    eps = torch.finfo(torch.float32).eps
+    for k in ddp:
+        assert torch.equal(ddp[k], accum[k]), k
+        # float32 summation order of the batch mean only: within 8 ulps of the weights' magnitude per step
+        tol = 8 * eps * ckpt["step"] * one[k].abs().max().item()
+        assert (ddp[k] - one[k]).abs().max().item() <= tol, k
+
+
+def _params_after_zero_steps(data, tmp_path) -> dict[str, torch.Tensor]:
+    """The initial weights of the runs above (same seed): a run stopped before its first step."""
+    from t3d.train import build_model, seed_everything
+
+    seed_everything(0)
+    model = build_model("t3d_tiny", 2, "reference")
+    return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
