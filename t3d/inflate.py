@@ -15,10 +15,10 @@ import os
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 
 from t3d_kernels import TemporalTransition
 
+from .checkpoint import save_checkpoint
 from .models import MODELS, T3D
 from .models.densenet import _OLD_KEY, DenseNet2d
 
@@ -196,26 +196,15 @@ def inflate_densenet2d_to_t3d(
     return model3d
 
 
-def _save(model: nn.Module, path: str, meta: dict) -> None:
-    # written atomically (temp file + rename) so an interrupted run never leaves a half-written file
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"model": model.state_dict(), **meta}, tmp)
-    os.replace(tmp, path)
-
-
 def _run(args: argparse.Namespace) -> int:
     if args.model not in MODELS:
         raise ValueError(f"--model: expected one of {sorted(MODELS)}, got {args.model!r}")
     model = MODELS[args.model](num_classes=args.num_classes)
     state = read_densenet2d_state(args.weights)
     inflate_densenet2d_to_t3d(state, model)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    _save(
-        model,
-        args.out,
-        {"arch": args.model, "num_classes": args.num_classes, "init": "inflated", "source": args.weights},
-    )
+    meta = {"model": args.model, "num_classes": args.num_classes, "init": "inflated", "source": args.weights}
+    # atomic write; {"model": state_dict} is what `t3d train --init` and `t3d transfer --init` read
+    save_checkpoint({"format": "t3d-inflated", "version": 1, "model": model.state_dict(), "meta": meta}, args.out)
     print(f"inflated {args.weights} into {args.model} ({args.num_classes} classes) -> {args.out}")
     return 0
 

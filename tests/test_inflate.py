@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from t3d.checkpoint import load_model_weights
 from t3d.cli import main as cli_main
 from t3d.inflate import (
     inflate_densenet2d_to_t3d,
@@ -233,9 +234,10 @@ def test_cli_inflate_writes_a_loadable_checkpoint(tmp_path, capsys):
         cli_main(["inflate", "--weights", str(weights), "--model", "t3d_tiny", "--num-classes", "5", "--out", str(out)])
         == 0
     )
-    ckpt = torch.load(out, weights_only=True)
+    # `t3d train --init` reads it (load_model_weights): every tensor loads, the classifier too (5 classes)
     model = t3d_tiny(num_classes=5)
-    model.load_state_dict(ckpt["model"])
+    report = load_model_weights(model, out)
+    assert report["reinitialized"] == []
     torch.testing.assert_close(model.features.conv0.weight.sum(2), teacher.features.conv0.weight)
     # a file that does not fit is a clear CLI error, not a traceback
     assert cli_main(["inflate", "--weights", str(weights), "--model", "t3d121", "--out", str(out)]) == 2

@@ -361,129 +361,36 @@ def test_unlabeled_videos_and_source_groups(tmp_path):
         find_unlabeled_videos(tmp_path / "empty")
 
 
+def t3d(command: str) -> int:
+    """Run ``t3d <command>`` in this process (paths must not contain spaces)."""
+    return cli_main(command.split())
+
+
 @pytest.mark.slow
-def test_cli_transfer_then_finetune_then_eval(tmp_path, capsys):
-    """The docs' pipeline on synthetic data: make-synthetic -> transfer -> train --init -> eval."""
+def test_cli_inflate_transfer_finetune_eval(tmp_path, capsys):
+    """The docs' pipeline on synthetic data: make-synthetic -> (inflate) -> transfer -> train --init -> eval."""
     data, weights = tmp_path / "syn", tmp_path / "tiny2d.pth"
     torch.save(tiny_teacher_2d().state_dict(), weights)
-    assert (
-        cli_main(
-            [
-                "make-synthetic",
-                str(data),
-                "--classes",
-                "2",
-                "--train-per-class",
-                "2",
-                "--test-per-class",
-                "1",
-                "--frames",
-                "16",
-                "--size",
-                "32",
-            ]
-        )
-        == 0
-    )
-    common = ["--model", "t3d_tiny", "--clip", "16x32x32", "--workers", "0", "--no-progress"]
-    assert (
-        cli_main(
-            [
-                "transfer",
-                str(data),
-                "--teacher-weights",
-                str(weights),
-                "--out",
-                str(tmp_path / "tr"),
-                "--batch-size",
-                "2",
-                "--max-steps",
-                "2",
-                "--format",
-                "ucf101",
-                *common,
-            ]
-        )
-        == 0
-    )
+    assert t3d(f"make-synthetic {data} --classes 2 --train-per-class 2 --test-per-class 1 --frames 16 --size 32") == 0
+    common = "--model t3d_tiny --clip 16x32x32 --workers 0 --no-progress"
+    # the two ways combined: the student starts from the inflated teacher, then the transfer trains it
+    assert t3d(f"inflate --weights {weights} --model t3d_tiny --num-classes 2 --out {tmp_path}/inflated.pt") == 0
+    transfer = f"transfer {data} --teacher-weights {weights} --out {tmp_path}/tr --batch-size 2 --format ucf101"
+    assert t3d(f"{transfer} --max-steps 2 --init {tmp_path}/inflated.pt {common}") == 0
+    out = capsys.readouterr().out
+    assert "student initialised from" in out and "student exported" in out
     student = tmp_path / "tr" / "student.pt"
     assert student.is_file() and (tmp_path / "tr" / "last.pt").is_file()
-    out = capsys.readouterr().out
-    assert "student exported" in out
-    assert (
-        cli_main(
-            [
-                "train",
-                str(data),
-                "--init",
-                str(student),
-                "--out",
-                str(tmp_path / "ft"),
-                "--batch-size",
-                "2",
-                "--max-steps",
-                "1",
-                *common,
-            ]
-        )
-        == 0
-    )
+    assert t3d(f"train {data} --init {student} --out {tmp_path}/ft --batch-size 2 --max-steps 1 {common}") == 0
     assert "--init: loaded" in capsys.readouterr().out
-    assert (
-        cli_main(
-            [
-                "eval",
-                str(data),
-                "--checkpoint",
-                str(tmp_path / "ft" / "last.pt"),
-                "--split",
-                "test",
-                "--out",
-                str(tmp_path / "ev"),
-                "--workers",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert t3d(f"eval {data} --checkpoint {tmp_path}/ft/last.pt --split test --out {tmp_path}/ev --workers 0") == 0
     assert (tmp_path / "ev" / "metrics.json").is_file()
     # resuming the transfer run continues it (one more step) and exports again
-    assert (
-        cli_main(
-            [
-                "transfer",
-                str(data),
-                "--teacher-weights",
-                str(weights),
-                "--out",
-                str(tmp_path / "tr"),
-                "--batch-size",
-                "2",
-                "--max-steps",
-                "3",
-                "--format",
-                "ucf101",
-                "--resume",
-                "auto",
-                *common,
-            ]
-        )
-        == 0
-    )
-    assert "resumed from" in capsys.readouterr().out
+    before = student.stat().st_mtime_ns
+    assert t3d(f"{transfer} --max-steps 3 --resume auto {common}") == 0
+    assert "resumed from" in capsys.readouterr().out and student.stat().st_mtime_ns != before
     # bad input: a clear CLI error, not a traceback
-    assert (
-        cli_main(
-            [
-                "transfer",
-                str(tmp_path / "absent"),
-                "--teacher-weights",
-                str(weights),
-                "--out",
-                str(tmp_path / "x"),
-                *common,
-            ]
-        )
-        == 2
-    )
+    assert t3d(f"transfer {tmp_path}/absent --teacher-weights {weights} --out {tmp_path}/x {common}") == 2
     assert "data_dir" in capsys.readouterr().err
+    assert t3d(f"{transfer} --batch-size 1 {common}") == 2
+    assert "--batch-size" in capsys.readouterr().err
