@@ -229,7 +229,9 @@ class Trainer:
         config: :class:`TrainConfig`.
         ctx: :class:`t3d.distributed.DistContext` (default: single process on CPU).
         meta: JSON-able facts stored in every checkpoint (model name, classes, clip ...).
-        on_epoch_end: ``callback(trainer, epoch, stats)`` after each epoch (e.g. validation), every rank.
+        on_epoch_end: ``callback(trainer, epoch, record)`` after each complete epoch, on every rank, before the
+            record is logged: it may add entries (e.g. ``record["val_top1"]``). It must not draw from the global
+            RNGs (or resume stops being exact); leave the model in any mode, the next epoch sets train mode.
     """
 
     def __init__(
@@ -425,16 +427,18 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "complete": self.position >= micro_total,
         }
+        if self.on_epoch_end is not None and self.position >= micro_total:
+            # may add entries (e.g. validation accuracy) to the record before it is logged
+            self.on_epoch_end(self, self.epoch, record)
         self._log(record)
         if ctx.is_main and cfg.progress:
             acc = f" acc {record['acc']:.3f}" if record["acc"] is not None else ""
+            extra = "".join(f", {k} {v:.4f}" for k, v in record.items() if k.startswith("val_") and v is not None)
             print(
                 f"epoch {record['epoch']}/{cfg.epochs} step {self.step}: loss {record['loss']:.4f}{acc} "
-                f"{record['clips_per_s']:.1f} clips/s, skipped {record['skipped']}, lr {record['lr']:.3g}",
+                f"{record['clips_per_s']:.1f} clips/s, skipped {record['skipped']}, lr {record['lr']:.3g}{extra}",
                 flush=True,
             )
-        if self.on_epoch_end is not None and self.position >= micro_total:
-            self.on_epoch_end(self, self.epoch, record)
 
     def _forward_backward(self, batch: Any, last_micro: bool) -> StepOutput | None:
         if isinstance(batch, Mapping) and int(batch.get("count", 1)) == 0:
@@ -584,7 +588,12 @@ def run(args: argparse.Namespace) -> int:
             "data_dir": os.path.abspath(args.data_dir), "world_size": ctx.world_size,
             "global_batch": args.batch_size * ctx.world_size * config.accum_steps,
         }
-        trainer = Trainer(model, optimizer, loader, scheduler=scheduler, config=config, ctx=ctx, meta=meta)
+        on_epoch_end = None
+        if args.val_split:
+            on_epoch_end = _validation_callback(args, dataset.classes, clip, transform.resize, ctx)
+        trainer = Trainer(
+            model, optimizer, loader, scheduler=scheduler, config=config, ctx=ctx, meta=meta, on_epoch_end=on_epoch_end
+        )
         resume = args.resume
         if resume == "auto":
             candidate = os.path.join(args.out, "last.pt")
@@ -607,6 +616,33 @@ def run(args: argparse.Namespace) -> int:
     finally:
         cleanup(ctx)
     return 0
+
+
+def _validation_callback(
+    args: argparse.Namespace, classes: list[str], clip: tuple[int, int, int], resize: int, ctx: DistContext
+) -> Callable[[Trainer, int, dict], None]:
+    """``--val-split``: video-level accuracy on rank 0 every ``--val-every`` epochs (center crop, ``--val-clips``)."""
+    from .data import ClipTransform, build_dataset, make_loader
+    from .evaluate import evaluate
+
+    val = build_dataset(
+        args.data_dir, format=args.format, split=args.val_split, fold=args.fold, annotations=args.annotations,
+        clip_len=clip[0], frame_stride=args.frame_stride, mode="test", num_clips=args.val_clips,
+        transform=ClipTransform(clip[1:], resize=resize, train=False),
+    )
+    if list(val.classes) != list(classes):
+        raise ValueError(f"--val-split: the classes of split {args.val_split!r} differ from the training split's")
+    loader = make_loader(val, args.batch_size, workers=args.workers)
+
+    def callback(trainer: Trainer, epoch: int, record: dict) -> None:
+        if (epoch + 1) % max(1, args.val_every) and epoch + 1 != trainer.config.epochs:
+            return
+        if ctx.is_main:
+            dtype = trainer.amp_dtype if trainer.autocast else None
+            result = evaluate(trainer.raw_model, loader, len(classes), trainer.device, dtype)
+            record.update({f"val_{k}": result[k] for k in ("clip_top1", "video_top1", "video_top5")})
+
+    return callback
 
 
 def _int_list(text: str) -> list[int]:
@@ -666,6 +702,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (checkpoint written)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' (OUT/last.pt if present)")
     p.add_argument("--init", default=None, help="initialise from a checkpoint or transferred-student export")
+    p.add_argument("--val-split", default=None, help="evaluate on this split (e.g. test) during training")
+    p.add_argument("--val-every", type=int, default=1, help="epochs between validations (and after the last)")
+    p.add_argument("--val-clips", type=int, default=1, help="clips per validation video (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar and no per-epoch lines")
     p.set_defaults(func=run)

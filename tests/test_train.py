@@ -63,7 +63,8 @@ def trained_3d(synthetic, tmp_path_factory):
     """t3d_tiny trained 8 epochs x 4 steps on the fused backend ("auto")."""
     out = tmp_path_factory.mktemp("run3d")
     with keep_threads():
-        log = _train(synthetic, out, "--epochs", "8", "--lr", "0.1", "--workers", "0", "--backend", "auto")
+        log = _train(synthetic, out, "--epochs", "8", "--lr", "0.1", "--workers", "0", "--backend", "auto",
+                     "--val-split", "test", "--val-every", "4")
     return out, log
 
 
@@ -74,6 +75,10 @@ def test_training_lowers_loss_and_3d_beats_chance_and_2d_baseline(synthetic, tra
     first, last = log3d[0]["loss"], log3d[-1]["loss"]
     assert last < 0.5 * first, [r["loss"] for r in log3d]
     m3d = _eval(synthetic, out3d / "last.pt", tmp_path / "eval3d", "--clips", "3")
+    # validation during training (--val-split test --val-every 4): after epochs 4 and 8, with the final weights
+    assert [("val_video_top1" in r) for r in log3d] == [False] * 3 + [True] + [False] * 3 + [True]
+    m_val = _eval(synthetic, out3d / "last.pt", tmp_path / "eval3d_1clip", "--clips", "1")
+    assert log3d[-1]["val_video_top1"] == m_val["video_top1"]
     # the same budget for the frame-averaging 2D model: it is blind to frame order, and every test video has its
     # time-reversed twin in the other class, so it gets at most half of them right whatever it learns
     out2d = tmp_path / "run2d"
