@@ -302,6 +302,13 @@ class Trainer:
         if state.get("scaler") is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         data = state["data"]
+        saved_batch, batch = (state.get("meta") or {}).get("global_batch"), self.meta.get("global_batch")
+        if saved_batch is not None and batch is not None and saved_batch != batch:
+            # the saved position counts batches of the old size: continuing would replay or skip samples
+            raise ValueError(
+                f"--resume: the checkpoint was trained with a global batch of {saved_batch} clips, this run has "
+                f"{batch} (processes x --batch-size x --accum-steps must stay the same to resume)"
+            )
         if int(data["seed"]) != self.config.seed:
             raise ValueError(f"--seed: the checkpoint was trained with seed {data['seed']}, got {self.config.seed}")
         self.epoch, self.position, self.step = int(data["epoch"]), int(data["position"]), int(state["step"])

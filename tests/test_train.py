@@ -126,6 +126,9 @@ def test_resume_after_interruption_is_bit_exact(synthetic, tmp_path):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 8
+    # resuming with another global batch is refused (the saved position counts batches)
+    assert cli_main(["train", synthetic, "--out", str(tmp_path / "b"), *COMMON, *args, "--batch-size", "2",
+                     "--resume", "auto"]) == 2
     # and the interrupted run really differed from a fresh start: the resumed weights are not the 3-step ones
     assert not torch.equal(mid["model"]["classifier.weight"], b["model"]["classifier.weight"])
 
