@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib
+import json
 import os
 import shutil
 import sys
@@ -107,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-compile", dest="compile", action="store_false", help="leave out torch.compile contenders")
     p.add_argument(
+        "--compile-model-train",
+        action="store_true",
+        help="torch.compile the whole model's training step too (minutes of compiling on a small CPU)",
+    )
+    p.add_argument(
         "--no-check",
         dest="check",
         action="store_false",
@@ -116,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument("--no-table", action="store_true", help="do not print the table")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="run nothing: print the table of an earlier result (and apply --fail-if-slower to it)",
+    )
     p.add_argument(
         "--fail-if-slower",
         type=float,
@@ -142,6 +155,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         batches=tuple(args.batches),
         backends=tuple(args.backends) if args.backends else None,
         compile=args.compile,
+        compile_model_train=args.compile_model_train,
         time_budget_s=args.time_budget,
         check=args.check,
     )
@@ -188,7 +202,44 @@ def _skip_row(op: str, why: str, cfg: BenchConfig) -> dict[str, Any]:
     return row
 
 
+def fail_if_slower(rows: list[dict[str, Any]], ratio: float | None, console: Any) -> int:
+    """Exit status of ``--fail-if-slower``: 1 (and the offending rows printed) when a fused row is below ratio."""
+    if ratio is None:
+        return 0
+    slow = check_fail_if_slower(rows, ratio)
+    for r in slow:
+        console.print(
+            f"slower than {ratio}x: {r['op']} {r['shape']} {r['pass']} {r['contender']}: {r['speedup']:.2f}x",
+            style="red",
+            markup=False,
+        )
+    return 1 if slow else 0
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # a file or pipe (make bench | tee) gets a table wide enough not to wrap; a terminal keeps its width
+    return Console() if sys.stdout.isatty() else Console(width=150)
+
+
+def replay(args: argparse.Namespace) -> int:
+    """``--from-json``: the table of an earlier run, and the ``--fail-if-slower`` verdict on it."""
+    try:
+        rows = json.loads(Path(args.from_json).read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"--from-json: expected a t3d-bench JSON result, got {str(args.from_json)!r} ({exc})"
+        ) from None
+    console = _console()
+    if not args.no_table:
+        print_table(rows, console)
+    return fail_if_slower(rows, args.fail_if_slower, console)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.from_json is not None:
+        return replay(args)
     cfg = config_from_args(args)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -202,11 +253,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{row['op']:12s} {row['status']}")
         return 0
 
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    # a file or pipe (make bench | tee) gets a table wide enough not to wrap; a terminal keeps its width
-    console = Console() if sys.stdout.isatty() else Console(width=150)
+    console = _console()
     argv = sys.argv[1:] if args.argv is None else args.argv
     meta = {
         "machine": machine_info(cfg.device),
@@ -251,16 +300,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.copyfile(path, latest)
     console.print("wrote " + ", ".join(str(p) for p in written) + f" (and latest.* in {out})")
 
-    if args.fail_if_slower is not None:
-        slow = check_fail_if_slower(rows, args.fail_if_slower)
-        for r in slow:
-            console.print(
-                f"[red]slower than {args.fail_if_slower}x:[/] {r['op']} {r['shape']} {r['pass']} {r['contender']}: "
-                f"{r['speedup']:.2f}x"
-            )
-        if slow:
-            return 1
-    return 0
+    return fail_if_slower(rows, args.fail_if_slower, console)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,8 @@ runs every pass of ``cfg.passes`` for every contender:
 
 Exactly one contender per case has ``kind="baseline"`` (the eager reference: oneDNN on CPU, cuDNN on GPU);
 every row's ``speedup`` is baseline ms / contender ms of the same case and pass, measured in the same run.
+Keep an op's default cases to about a minute on a 2-core CPU (``make bench`` runs every op's defaults and
+must finish in ~10 minutes); heavier shapes go behind ``cfg.paper`` or ``--shape``.
 ``kind="fused"`` marks the contenders that ``--fail-if-slower`` checks. ``Case.flops`` is the *reference's*
 forward FLOP count (backward = 2x, train = 3x): the effective GFLOP/s of every contender uses it, so a
 contender that does less arithmetic (the pool-first algebra) can exceed the sgemm roof.
@@ -60,9 +62,11 @@ __all__ = [
     "Timing",
     "check_fail_if_slower",
     "compiled",
+    "count_flops",
     "fused_backends",
     "machine_info",
     "parse_ints",
+    "pass_runner",
     "print_table",
     "run_cases",
     "saved_tensor_bytes",
@@ -76,6 +80,7 @@ __all__ = [
 PASSES = ("forward", "backward", "train")
 # multiples of the forward FLOPs: backward = grad of the input + grad of the weights, each as big as forward
 PASS_FLOP_FACTOR = {"forward": 1.0, "backward": 2.0, "train": 3.0}
+WARMUP_SKIP_MS = 1000.0
 CONTENDER_KINDS = ("baseline", "fused", "compile", "other")
 
 # columns of the CSV (and of every JSON row), in order
@@ -124,6 +129,7 @@ class BenchConfig:
     batches: tuple[int, ...] = (1, 4)
     backends: tuple[str, ...] | None = None  # fused backends to run (None: every available one for the device)
     compile: bool = True  # include torch.compile contenders
+    compile_model_train: bool = False  # also compile whole models' training graph (minutes on a small CPU)
     time_budget_s: float = 6.0  # per row: fewer repeats (>= 3) when one iteration is slow
     check: bool = True  # compare each contender's forward output with the baseline's (max_rel_err)
     seed: int = 0
@@ -231,6 +237,7 @@ def time_callable(
     """Time ``run(setup())`` (or ``run()`` without setup): one first call (compile, caches), ``warmup`` untimed
     calls, then ``repeats`` timed calls. ``setup`` runs before every call, outside the timed region.
 
+    The warm-up calls are skipped when the first call took longer than :data:`WARMUP_SKIP_MS`.
     CPU: ``time.perf_counter`` around the call. CUDA: ``torch.cuda.Event`` pairs around the call, synchronised
     after it. With ``time_budget_s``, the repeats are cut (not below ``min_repeats``) so that they take about
     that long, judged by the warm-up calls.
@@ -252,7 +259,8 @@ def time_callable(
         return (time.perf_counter() - t0) * 1e3
 
     first = once()
-    warm = [once() for _ in range(max(0, warmup))]
+    # a call of a second or more is past any cache or allocator warm-up: more warm-up calls only cost time
+    warm = [once() for _ in range(max(0, warmup))] if first < WARMUP_SKIP_MS else []
     if time_budget_s is not None:
         estimate = min(warm) if warm else first
         if estimate > 0:
@@ -296,6 +304,16 @@ def sgemm_gflops(m: int, k: int, n: int, device: torch.device, dtype: torch.dtyp
     b = torch.randn(k, n, generator=gen).to(device, dtype)
     timing = time_callable(lambda: torch.mm(a, b), device, repeats=repeats, warmup=1)
     return 2.0 * m * k * n / (timing.median * 1e-3) / 1e9
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs of ``fn()`` as counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, matmuls;
+    multiply-add = 2). Works on meta tensors, so an op file can count a big model's FLOPs without running it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
 
 
 def _cuda_peak_mb(run: Callable[[], Any], device: torch.device) -> float:
@@ -372,8 +390,9 @@ def _row(case: Case, pass_: str, contender: Contender | None, cfg: BenchConfig, 
     return row
 
 
-def _make_runs(contender: Contender, pass_: str, grad_out: dict[str, torch.Tensor]):
-    """(setup, run) callables of one pass; see the module docstring for what each pass times."""
+def pass_runner(contender: Contender, pass_: str, grad_out: dict[str, torch.Tensor]):
+    """(setup, run) callables of one pass: time ``run(setup())`` (``run()`` when setup is None); see the module
+    docstring for what each pass times. ``grad_out`` caches the output gradient shared by a case's contenders."""
     fn, tensors = contender.fn, list(contender.grad_tensors)
 
     def backward(y: torch.Tensor) -> Any:
@@ -444,7 +463,7 @@ def run_cases(
                     continue
                 row = _row(case, pass_, contender, cfg, "ok")
                 try:
-                    setup, run = _make_runs(contender, pass_, grad_out)
+                    setup, run = pass_runner(contender, pass_, grad_out)
                     timing = time_callable(
                         run, device, cfg.repeats, cfg.warmup, setup=setup, time_budget_s=cfg.time_budget_s
                     )
@@ -657,7 +676,9 @@ def print_table(rows: list[dict[str, Any]], console: Any = None) -> None:
         previous = key
         case = f"{r['op']} {r['shape']}" if r["shape"] != "-" else r["op"]
         if r["status"] != "ok":
-            table.add_row(escape(case), r["pass"], escape(r["contender"] or "-"), f"[yellow]{escape(r['status'])}[/]")
+            table.add_row(
+                escape(case), r["pass"], escape(r["contender"] or "-"), f"[yellow]{escape(r['status'][:60])}[/]"
+            )
             continue
         speed = "base" if r["kind"] == "baseline" else _fmt(r["speedup"], ".2f") + "x"
         cells = [

@@ -1,0 +1,138 @@
+"""Whole-model benchmark: T3D-121 per clip, fused (``t3d_kernels.fuse``) vs eager (``backend="reference"``) vs
+torch.compile of the eager model.
+
+Passes: ``forward`` is inference (eval mode, no grad), ``train`` a training step without the optimizer (train
+mode: batch statistics; forward + backward of every parameter); the backward alone is not run for the whole model
+(it is train minus forward). torch.compile runs the forward only, unless ``--compile-model-train``: compiling
+T3D-121's training graph takes several minutes on a 2-core CPU. Default clip 1x3x32x112x112 (``--paper``: 32x224x224);
+``--shape model:N,T,H,W`` or ``model:169:N,T,H,W`` (T3D-169) for any other.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+
+from benchmarks.harness import BenchConfig, Case, Contender, Skip, compiled, count_flops, fused_backends, parse_ints
+
+OP = "model"
+ARCHS = {"121": "t3d_densenet121", "169": "t3d_densenet169"}
+MODEL_PASSES = ("forward", "train")
+
+
+def parse_spec(spec: str) -> tuple[str, tuple[int, int, int, int]]:
+    """``"N,T,H,W"`` or ``"ARCH:N,T,H,W"`` (ARCH 121 or 169) -> (arch, (N, T, H, W))."""
+    arch, _, dims = spec.rpartition(":")
+    arch = arch or "121"
+    if arch not in ARCHS:
+        raise ValueError(f"--shape: expected model:[121|169:]N,T,H,W (e.g. model:1,32,112,112), got model:{spec!r}")
+    clip = parse_ints(dims, "--shape model N,T,H,W")
+    if len(clip) != 4:
+        raise ValueError(f"--shape: expected 4 sizes N,T,H,W for the model's clip, got {dims!r}")
+    return arch, clip  # type: ignore[return-value]
+
+
+def _build_model(arch: str, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    from t3d import models
+
+    torch.manual_seed(seed)
+    return getattr(models, ARCHS[arch])(backend="reference").to(device, dtype)
+
+
+def model_flops(arch: str, clip: tuple[int, int, int, int]) -> float:
+    """Forward FLOPs of the eager model on one clip batch, counted by torch's FlopCounterMode on meta tensors
+    (convolutions and the classifier; BN, pooling and ReLU are not counted)."""
+    model = _build_model(arch, torch.device("meta"), torch.float32, 0).eval()
+    n, t, h, w = clip
+    x = torch.empty(n, 3, t, h, w, device="meta")
+    with torch.no_grad():
+        return count_flops(lambda: model(x))
+
+
+def _mode_fn(model: torch.nn.Module, x: torch.Tensor, call=None):
+    call = call or model
+
+    def fn(training: bool) -> torch.Tensor:
+        model.train(training)
+        return call(x)
+
+    return fn
+
+
+def _contenders(arch: str, clip: tuple[int, int, int, int], cfg: BenchConfig) -> list[Contender]:
+    import t3d_kernels
+    from t3d_kernels.backends import BackendError
+
+    device, dtype = cfg.torch_device, cfg.torch_dtype
+    eager = _build_model(arch, device, dtype, cfg.seed)
+    n, t, h, w = clip
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    x = torch.randn(n, 3, t, h, w, generator=gen).to(device, dtype).requires_grad_()
+    state = copy.deepcopy(eager.state_dict())
+
+    def params(model: torch.nn.Module) -> list[torch.Tensor]:
+        return [x, *model.parameters()]
+
+    contenders = [Contender("eager", _mode_fn(eager, x), params(eager), "baseline", MODEL_PASSES)]
+    if cfg.compile:
+        # compiled from its own copy so the eager model stays uncompiled
+        twin = _build_model(arch, device, dtype, cfg.seed)
+        twin.load_state_dict(state)
+        passes = MODEL_PASSES if cfg.compile_model_train else ("forward",)
+        compiled_model = compiled(twin)
+        contenders.append(Contender("compile", _mode_fn(twin, x, compiled_model), params(twin), "compile", passes))
+    names = list(cfg.backends) if cfg.backends is not None else ["auto"]
+    for name in names:
+        fused = _build_model(arch, device, dtype, cfg.seed)
+        fused.load_state_dict(state)
+        try:
+            t3d_kernels.fuse(fused, name)
+        except BackendError:  # e.g. a TTL-only backend asked for: the dense blocks have no such backend
+            continue
+        label = "fused" if name == "auto" else f"fused[{name}]"
+        contenders.append(Contender(label, _mode_fn(fused, x), params(fused), "fused", MODEL_PASSES))
+    if len(contenders) == (2 if cfg.compile else 1) and cfg.backends is not None:
+        raise Skip(f"no fused model for backends {list(cfg.backends)}")
+    return contenders
+
+
+def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
+    """The model cases: ``specs`` (``[ARCH:]N,T,H,W``) or T3D-121 on one clip (32x112x112; --paper 32x224x224)."""
+    try:
+        import t3d.models  # noqa: F401
+        import t3d_kernels  # noqa: F401
+    except ImportError as exc:
+        raise Skip(f"t3d.models is not importable ({exc})") from None
+    if specs:
+        shapes = [parse_spec(s) for s in specs]
+    else:
+        shapes = [("121", (1, 32, 224, 224) if cfg.paper else (1, 32, 112, 112))]
+    # what "auto" resolves to for each op on this device, recorded with the case
+    from t3d_kernels.backends import resolve
+
+    resolved = {op: resolve(op, "auto", cfg.torch_device) for op in ("ttl", "dense_block")}
+    result = []
+    for arch, clip in shapes:
+        from t3d.models.densenet import clip_stage_shapes
+
+        clip_stage_shapes(clip[1:])  # a clip too small for the network is a clear error here
+        n, t, h, w = clip
+        result.append(
+            Case(
+                op=OP,
+                label=f"T3D-{arch} {n}x3x{t}x{h}x{w}",
+                flops=model_flops(arch, clip),
+                build=functools.partial(_contenders, arch, clip, cfg),
+                # a dense layer's 3x3x3 conv as a GEMM: positions x 128*27 x 32 channels (rows capped)
+                roof_gemm=(4096, 128 * 27, 128),
+                info={
+                    "arch": arch,
+                    "clip": list(clip),
+                    "auto_backends": resolved,
+                    "ttl_fused": fused_backends("ttl", cfg),
+                },
+            )
+        )
+    return result

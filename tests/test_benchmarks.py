@@ -1,0 +1,286 @@
+"""Fast tests of the benchmark harness and the t3d-bench command (tiny shapes; no timing thresholds)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import benchmarks.__main__ as cli
+from benchmarks import bench_model, bench_ttl
+from benchmarks.harness import (
+    COLUMNS,
+    BenchConfig,
+    Case,
+    Contender,
+    Skip,
+    Timing,
+    check_fail_if_slower,
+    count_flops,
+    run_cases,
+    saved_tensor_bytes,
+    time_callable,
+    write_plot,
+)
+
+TINY_TTL = "ttl:1,8,4,6,6:1,3:6"
+
+
+def test_cli_tiny_run_writes_json_csv_png(tmp_path, capsys):
+    status = cli.main(
+        ["--shape", TINY_TTL, "--passes", "forward,train", "--repeats", "1", "--warmup", "0", "--no-compile"]
+        + ["--out", str(tmp_path)]
+    )
+    assert status == 0
+    result = json.loads((tmp_path / "latest.json").read_text())
+    rows = result["rows"]
+    assert {"machine", "config", "command", "roofs_gflops"} <= set(result["meta"])
+    assert result["meta"]["machine"]["threads"] == torch.get_num_threads()
+    assert {(r["pass"], r["contender"]) for r in rows} >= {
+        ("forward", "eager"),
+        ("forward", "pool-first"),
+        ("train", "eager"),
+        ("train", "pool-first"),
+    }
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    assert any(r["kind"] == "fused" for r in rows)
+    for r in rows:
+        assert set(r) == set(COLUMNS)
+        assert r["ms"] > 0 and r["ms_q1"] <= r["ms"] <= r["ms_q3"]
+        assert r["flops"] == pytest.approx(
+            bench_ttl.ttl_flops((1, 8, 4, 6, 6), (1, 3), 6) * {"forward": 1, "train": 3}[r["pass"]]
+        )
+        assert r["gflops"] == pytest.approx(r["flops"] / r["ms"] / 1e6)
+        if r["kind"] == "baseline":
+            assert r["speedup"] == 1.0
+        else:
+            base = next(b for b in rows if b["kind"] == "baseline" and b["pass"] == r["pass"])
+            assert r["speedup"] == pytest.approx(base["ms"] / r["ms"])
+    # every contender computes the same TTL: its forward matches the baseline's to float32 rounding
+    assert all(r["max_rel_err"] < 1e-4 for r in rows if r["pass"] == "forward" and r["kind"] != "baseline")
+    # saved activations are measured for the training passes only
+    assert all((r["saved_mb"] is None) == (r["pass"] == "forward") for r in rows)
+    with open(tmp_path / "latest.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        assert len(list(reader)) == len(rows)
+    assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list(tmp_path.glob("bench-*.json"))) == 1
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "pool-first" in out
+
+
+def test_cli_tiny_model_run(tmp_path):
+    # batch 2: the last stage of T3D-121 at 16x32x32 is 1x1x1, and batch norm needs 2 values per channel
+    argv = ["--shape", "model:2,16,32,32", "--repeats", "1", "--warmup", "0", "--no-compile", "--no-plot"]
+    assert cli.main(argv + ["--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "latest.json").read_text())["rows"]
+    assert {(r["pass"], r["contender"]) for r in rows} == {
+        ("forward", "eager"),
+        ("forward", "fused"),
+        ("train", "eager"),
+        ("train", "fused"),
+    }
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    fused_forward = next(r for r in rows if r["pass"] == "forward" and r["kind"] == "fused")
+    assert fused_forward["max_rel_err"] < 1e-4
+    assert all(r["saved_mb"] > 0 for r in rows if r["pass"] == "train")
+
+
+def _fake_rows(speedup: float) -> list[dict]:
+    base = {c: None for c in COLUMNS}
+    return [
+        base
+        | {
+            "op": "ttl",
+            "shape": "s",
+            "pass": "forward",
+            "contender": "eager",
+            "kind": "baseline",
+            "status": "ok",
+            "ms": 10.0,
+            "speedup": 1.0,
+        },
+        base
+        | {
+            "op": "ttl",
+            "shape": "s",
+            "pass": "forward",
+            "contender": "fused[cpu]",
+            "kind": "fused",
+            "status": "ok",
+            "ms": 10.0 / speedup,
+            "speedup": speedup,
+        },
+        # slower, but not a fused contender: never counted
+        base
+        | {
+            "op": "ttl",
+            "shape": "s",
+            "pass": "forward",
+            "contender": "compile",
+            "kind": "compile",
+            "status": "ok",
+            "ms": 20.0,
+            "speedup": 0.5,
+        },
+        # failed rows have no speed-up: reported by their status, not by --fail-if-slower
+        base
+        | {
+            "op": "ttl",
+            "shape": "s",
+            "pass": "forward",
+            "contender": "fused[triton]",
+            "kind": "fused",
+            "status": "error: RuntimeError: x",
+        },
+    ]
+
+
+def test_check_fail_if_slower_only_counts_fused_rows():
+    assert [r["contender"] for r in check_fail_if_slower(_fake_rows(1.2), 1.5)] == ["fused[cpu]"]
+    assert check_fail_if_slower(_fake_rows(1.2), 1.2) == []
+    assert check_fail_if_slower(_fake_rows(3.0), 1.5) == []
+
+
+@pytest.mark.parametrize(("speedup", "ratio", "status"), [(1.2, 1.5, 1), (1.2, 1.0, 0), (3.0, 2.0, 0)])
+def test_fail_if_slower_exit_status(tmp_path, capsys, speedup, ratio, status):
+    path = tmp_path / "fake.json"
+    path.write_text(json.dumps({"meta": {}, "rows": _fake_rows(speedup)}))
+    assert cli.main(["--from-json", str(path), "--fail-if-slower", str(ratio)]) == status
+    out = capsys.readouterr().out
+    assert ("slower than" in out) == (status == 1)
+    assert cli.main(["--from-json", str(path)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--shape", "ttl:1,8,4,6:1,3:6"], "--shape"),
+        (["--shape", "nope:1"], "--shape"),
+        (["--shape", "model:99:1,32,112,112"], "--shape"),
+        (["--shape", "model:1,4,8,8"], "clip"),
+        (["--repeats", "0"], "--repeats"),
+        (["--dtype", "float33"], "dtype"),
+        (["--from-json", "/nonexistent/x.json"], "--from-json"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
+    assert cli.main(argv + ["--list"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_op_module_is_skipped_not_crashed(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(cli.OP_MODULES, "ghost", "benchmarks.bench_ghost_op_that_does_not_exist")
+    assert cli.main(["--ops", "ghost", "--out", str(tmp_path), "--no-plot"]) == 0
+    rows = json.loads((tmp_path / "latest.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["status"].startswith("skipped") and "bench_ghost" in rows[0]["status"]
+
+
+def test_failing_and_skipped_contenders_get_status_rows():
+    x = torch.ones(3, requires_grad=True)
+
+    def broken(training):
+        raise RuntimeError("kernel exploded")
+
+    def skipped(training):
+        raise Skip("not on this device")
+
+    case = Case(
+        op="toy",
+        label="t",
+        flops=6.0,
+        roof_gemm=(8, 8, 8),
+        build=lambda: [
+            Contender("broken", broken, [x], kind="fused"),
+            Contender("eager", lambda training: x * 2, [x], kind="baseline"),
+            Contender("skip", skipped, [x], kind="other"),
+        ],
+    )
+    cfg = BenchConfig(passes=("forward", "train"), repeats=1, warmup=0)
+    rows = run_cases([case], cfg)
+    by = {(r["pass"], r["contender"]): r for r in rows}
+    assert [r["contender"] for r in rows[:3]] == ["eager", "broken", "skip"]  # the baseline runs first
+    assert by["forward", "broken"]["status"] == "error: RuntimeError: kernel exploded"
+    assert by["train", "skip"]["status"] == "skipped: not on this device"
+    assert by["train", "eager"]["status"] == "ok" and by["train", "eager"]["speedup"] == 1.0
+    skipped_case = Case(op="toy", label="u", flops=1.0, build=lambda: (_ for _ in ()).throw(Skip("no kernel")))
+    rows = run_cases([skipped_case], cfg)
+    assert [r["status"] for r in rows] == ["skipped: no kernel"] * 2
+
+
+def test_time_callable_counts_calls_and_respects_the_budget():
+    calls = {"run": 0, "setup": 0}
+
+    def setup():
+        calls["setup"] += 1
+        return 3
+
+    def run(arg):
+        assert arg == 3
+        calls["run"] += 1
+        return torch.ones(64).sum()
+
+    timing = time_callable(run, torch.device("cpu"), repeats=5, warmup=2, setup=setup)
+    assert len(timing.samples_ms) == 5 and calls == {"run": 8, "setup": 8}  # first + warm-up + repeats
+    # a zero budget cuts the repeats, never below 3
+    timing = time_callable(run, torch.device("cpu"), repeats=5, warmup=1, setup=setup, time_budget_s=0.0)
+    assert len(timing.samples_ms) == 3
+
+
+def test_timing_median_and_iqr():
+    t = Timing([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (t.median, t.q1, t.q3) == (3.0, 2.0, 4.0)
+    assert Timing([7.0]).q1 == Timing([7.0]).q3 == 7.0
+
+
+def test_saved_tensor_bytes_counts_saved_activations_once_without_inputs():
+    x = torch.randn(10, 20, requires_grad=True)
+    # exp saves its output (800 bytes); the same storage saved twice counts once
+    assert saved_tensor_bytes(lambda: (x * 2).exp(), exclude=[x]) == 10 * 20 * 4
+    y = x.exp()
+    assert saved_tensor_bytes(lambda: y * y.detach(), exclude=[x]) == 10 * 20 * 4
+    # sin saves its input, which is excluded
+    assert saved_tensor_bytes(lambda: x.sin(), exclude=[x]) == 0
+
+
+def test_ttl_flops_match_torch_flop_counter():
+    from t3d_kernels import reference
+
+    shape, depths, out = (2, 16, 6, 10, 12), (1, 3, 6), 20
+    x = torch.empty(shape, device="meta")
+    bn = [torch.empty(16, device="meta") for _ in range(4)]
+    weights = []
+    for c, d in zip([7, 7, 6], depths, strict=True):
+        k = 1 if d == 1 else 3
+        weights.append(torch.empty(c, 16, d, k, k, device="meta"))
+    counted = count_flops(lambda: reference.ttl(x, *bn, weights))
+    assert bench_ttl.ttl_flops(shape, depths, out) == counted
+    # T3D-121 TTL 1 at clip 32x112x112 (DESIGN.md: 22.3 GFLOP)
+    assert bench_ttl.ttl_flops((1, 256, 16, 28, 28), (1, 3, 6), 128) == pytest.approx(22.3e9, rel=2e-3)
+
+
+def test_ttl_cases_default_and_paper_shapes():
+    cfg = BenchConfig(batches=(1, 4))
+    labels = [c.label for c in bench_ttl.cases(cfg, None)]
+    assert labels == ["TTL1 b1", "TTL2 b1", "TTL3 b1", "TTL1 b4", "TTL2 b4", "TTL3 b4"]
+    paper = bench_ttl.cases(BenchConfig(batches=(1,), paper=True), None)
+    assert [c.info["input"] for c in paper] == [[1, 256, 16, 56, 56], [1, 512, 8, 28, 28], [1, 1024, 4, 14, 14]]
+    tiny = bench_ttl.cases(BenchConfig(compile=True), ["1,8,4,6,6:1,3:6"])[0]
+    kinds = {c.name: c.kind for c in tiny.build()}
+    assert kinds["eager"] == "baseline" and kinds["compile"] == "compile" and kinds["pool-first"] == "other"
+    assert any(k == "fused" for k in kinds.values())
+
+
+def test_model_spec_parsing():
+    assert bench_model.parse_spec("1,32,112,112") == ("121", (1, 32, 112, 112))
+    assert bench_model.parse_spec("169:2,16,64,64") == ("169", (2, 16, 64, 64))
+    with pytest.raises(ValueError, match="--shape"):
+        bench_model.parse_spec("1,32,112")
+
+
+def test_plot_without_timed_rows_writes_nothing(tmp_path):
+    assert write_plot(tmp_path / "p.png", []) is None
+    assert not (tmp_path / "p.png").exists()
