@@ -1,0 +1,773 @@
+// CPU kernels of the fused TTL (DESIGN.md 2.1): pool first through a box filter, every branch a stride-2
+// implicit GEMM over one box-filtered, channels-last source tensor; backward by the transposed algebra.
+//
+// Pieces (forward):
+//   1. build_source: BN-ReLU + zero padding + the separable 2x2x2 box filter in one pass over x, written
+//      channels-last: src (N, Ts, Hs, Ws, C). Not kept for backward (recomputed there).
+//   2. conv_forward: per branch, an implicit GEMM  y[p, o] = sum_{tap, c} src[row(p) + tap, c] * W[o, c, tap]
+//      through an indirection of row offsets (XNNPACK's indirect convolution): output positions p are
+//      register-tile rows, output channels are vector lanes, the input channel is the reduction. Stride 2 costs
+//      nothing (it only changes the row offsets). K is blocked (one temporal tap x a channel block) so a block of
+//      packed weights stays in L2 while every position tile streams past it.
+// Backward:
+//   3. grad of W: gW[o, c, tap] = sum_p gy[p, o] * src[row(p) + tap, c], tiles of 8 input channels x the branch's
+//      output channels (vector lanes), reduced over positions.
+//   4. grad of src: the stride-2 transposed conv in gather form. Source positions are grouped by parity class
+//      (t%2, h%2, w%2): within a class the same taps land, so a tile of positions shares one tap list and each
+//      position accumulates in registers, no scatter.
+//   5. the box filter's adjoint (a backward 2-window mean), ReLU mask and BN backward (two per-channel sums).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/ttl_math.h"
+#include "ttl.h"
+
+namespace t3d {
+namespace {
+
+#define T3D_INLINE inline __attribute__((always_inline))
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using vec_t = typename VecOf<T>::type;
+template <typename T>
+constexpr int kLanes = 64 / sizeof(T);
+
+template <typename T>
+T3D_INLINE vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+T3D_INLINE void vstore(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+T3D_INLINE vec_t<T> vbcast(T s) {
+  // s - (+0) == s for every s (also -0), so this folds to a plain broadcast; `{} + s` would not
+  return s - vec_t<T>{};
+}
+
+// register tile: MR rows x NV vectors
+constexpr int MR = 8;
+constexpr int NV = 3;
+
+struct Branch {
+  int64_t cout, depth, kh, kw;
+  int64_t t0, h0, w0;   // origin in the source tensor
+  int64_t y_off;        // first output channel of the branch in y
+  int64_t acc_col;      // first column of the branch in the channels-last accumulator
+  int64_t nblocks;      // output-channel blocks of NR
+  int64_t origin_row;   // (t0*Hs + h0)*Ws + w0
+};
+
+struct Problem {
+  int64_t N, C, Mo;  // batch, input channels, output positions per sample
+  TtlGeometry g;
+  std::vector<Branch> branches;
+  int64_t C_out;
+};
+
+Problem make_problem(const at::Tensor& x, const std::vector<at::Tensor>& weights, bool pool, int64_t nr) {
+  Problem pb;
+  pb.N = x.size(0);
+  pb.C = x.size(1);
+  int64_t front = 0, back = 0, ph = 0, pw = 0;
+  for (const auto& w : weights) {
+    front = std::max(front, temporal_front(w.size(2)));
+    back = std::max(back, temporal_back(w.size(2)));
+    ph = std::max(ph, w.size(3) / 2);
+    pw = std::max(pw, w.size(4) / 2);
+  }
+  pb.g = make_geometry(x.size(2), x.size(3), x.size(4), front, back, ph, pw, pool);
+  pb.Mo = pb.g.To * pb.g.Ho * pb.g.Wo;
+  int64_t y_off = 0, acc_col = 0;
+  for (const auto& w : weights) {
+    Branch b;
+    b.cout = w.size(0);
+    b.depth = w.size(2);
+    b.kh = w.size(3);
+    b.kw = w.size(4);
+    branch_origin(pb.g, b.depth, b.kh, b.kw, b.t0, b.h0, b.w0);
+    b.origin_row = (b.t0 * pb.g.Hs + b.h0) * pb.g.Ws + b.w0;
+    b.y_off = y_off;
+    b.acc_col = acc_col;
+    b.nblocks = (b.cout + nr - 1) / nr;
+    y_off += b.cout;
+    acc_col += b.nblocks * nr;
+    pb.branches.push_back(b);
+  }
+  pb.C_out = y_off;
+  return pb;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 1. BN-ReLU + padding + box filter -> channels-last source tensor
+// ---------------------------------------------------------------------------------------------------------
+
+// z plane (H, W, C) of sample n, frame t, from x with any strides
+template <typename T>
+void bn_relu_plane(const T* x, const int64_t* xs, int64_t n, int64_t t, int64_t C, int64_t H, int64_t W,
+                   const T* scale, const T* shift, T* out) {
+  const T* base = x + n * xs[0] + t * xs[2];
+  if (xs[1] == 1) {  // channels-last input: contiguous channels
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t w = 0; w < W; ++w) {
+        const T* px = base + h * xs[3] + w * xs[4];
+        T* po = out + (h * W + w) * C;
+        for (int64_t c = 0; c < C; ++c) po[c] = bn_relu(px[c], scale[c], shift[c]);
+      }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const T s = scale[c], b = shift[c];
+      const T* pc = base + c * xs[1];
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w) out[(h * W + w) * C + c] = bn_relu(pc[h * xs[3] + w * xs[4]], s, b);
+    }
+  }
+}
+
+// spatial part of the source plane: box ? sum of the 2x2 window of the zero-padded z : the zero-padded z
+template <typename T>
+void spatial_plane(const T* z, bool valid, const TtlGeometry& g, int64_t C, bool box, T* out) {
+  const int64_t plane = g.Hs * g.Ws * C;
+  if (!valid) {
+    std::fill(out, out + plane, T(0));
+    return;
+  }
+  for (int64_t hs = 0; hs < g.Hs; ++hs)
+    for (int64_t ws = 0; ws < g.Ws; ++ws) {
+      T* po = out + (hs * g.Ws + ws) * C;
+      int64_t hlo, hhi, wlo, whi;
+      if (box) {
+        box_window(hs, g.ph, g.H, hlo, hhi);
+        box_window(ws, g.pw, g.W, wlo, whi);
+      } else {
+        hlo = hs - g.ph, hhi = hlo + 1, wlo = ws - g.pw, whi = wlo + 1;
+        hlo = std::max<int64_t>(hlo, 0), hhi = std::min(hhi, g.H);
+        wlo = std::max<int64_t>(wlo, 0), whi = std::min(whi, g.W);
+      }
+      std::fill(po, po + C, T(0));
+      for (int64_t h = hlo; h < hhi; ++h)
+        for (int64_t w = wlo; w < whi; ++w) {
+          const T* pz = z + (h * g.W + w) * C;
+          for (int64_t c = 0; c < C; ++c) po[c] += pz[c];
+        }
+    }
+}
+
+template <typename T>
+void build_source(const at::Tensor& x, const T* scale, const T* shift, const Problem& pb, T* src) {
+  const TtlGeometry& g = pb.g;
+  const int64_t C = pb.C;
+  const T* xp = x.data_ptr<T>();
+  const int64_t xs[5] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
+  const int64_t plane = g.Hs * g.Ws * C;
+  at::parallel_for(0, pb.N * g.Ts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> z(g.H * g.W * C), cur(plane), next(plane);
+    int64_t cached = -1;  // (n*Ts + ts) whose spatial box plane is in `cur`
+    auto spatial = [&](int64_t n, int64_t tp, T* out) {  // tp: padded frame index
+      const int64_t t = tp - g.front;
+      const bool valid = t >= 0 && t < g.T;
+      if (valid) bn_relu_plane(xp, xs, n, t, C, g.H, g.W, scale, shift, z.data());
+      spatial_plane(z.data(), valid, g, C, g.pool, out);
+    };
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t n = idx / g.Ts, ts = idx % g.Ts;
+      T* out = src + idx * plane;
+      if (!g.pool) {
+        spatial(n, ts, out);
+        continue;
+      }
+      if (cached != idx) spatial(n, ts, cur.data());
+      spatial(n, ts + 1, next.data());
+      const T k = box_weight<T>();
+      for (int64_t i = 0; i < plane; ++i) out[i] = (cur[i] + next[i]) * k;
+      std::swap(cur, next);
+      cached = idx + 1;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 2. forward implicit GEMM
+// ---------------------------------------------------------------------------------------------------------
+
+// acc[MR rows][NV*L] (+)= sum_{taps j} sum_{c in [c0, c0+cb)} src[rows[r] + tap_off[j] + c] * wp_j[c][.]
+template <typename T>
+T3D_INLINE void fwd_tile(const T* src, const int64_t* rows, const int64_t* tap_off, int ntaps, int64_t c0,
+                         int64_t cb, const T* const* wtap, T* acc, int64_t ld, int mr_valid, bool first) {
+  constexpr int L = kLanes<T>;
+  vec_t<T> a[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) a[r][v] = (first || r >= mr_valid) ? vec_t<T>{} : vload(acc + r * ld + v * L);
+  for (int j = 0; j < ntaps; ++j) {
+    const T* p[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) p[r] = src + rows[r] + tap_off[j] + c0;
+    const T* w = wtap[j] + c0 * NV * L;
+    for (int64_t c = 0; c < cb; ++c) {
+      vec_t<T> b[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) b[v] = vload(w + v * L);
+      w += NV * L;
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const vec_t<T> s = vbcast(p[r][c]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) a[r][v] += s * b[v];
+      }
+    }
+  }
+  for (int r = 0; r < mr_valid; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(acc + r * ld + v * L, a[r][v]);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 3. weight gradient
+// ---------------------------------------------------------------------------------------------------------
+
+// acc[r = input channel c0+r][o lanes] = sum_p src[rows[p] + off + c0 + r] * gy[p*ldg + o]
+template <typename T>
+T3D_INLINE void wgrad_tile(const T* src, const int64_t* rows, int64_t np, int64_t off, const T* gy, int64_t ldg,
+                           T* acc) {
+  constexpr int L = kLanes<T>;
+  vec_t<T> a[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) a[r][v] = vload(acc + (r * NV + v) * L);
+  for (int64_t p = 0; p < np; ++p) {
+    const T* ps = src + rows[p] + off;
+    const T* pg = gy + p * ldg;
+    vec_t<T> b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = vload(pg + v * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const vec_t<T> s = vbcast(ps[r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) a[r][v] += s * b[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(acc + (r * NV + v) * L, a[r][v]);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 4. gradient of the source tensor (transposed strided conv, gather form)
+// ---------------------------------------------------------------------------------------------------------
+
+// acc[r][c lanes] = sum over (tap j, o) of gy[rows_j[r] + o] * wt_j[o][c lanes]
+template <typename T>
+T3D_INLINE void dgrad_tile(const T* const* tap_rows /* [ntaps][MR] */, const T* const* wt /* [ntaps] */, int ntaps,
+                           int64_t cout, T* acc) {
+  constexpr int L = kLanes<T>;
+  vec_t<T> a[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) a[r][v] = vload(acc + (r * NV + v) * L);
+  for (int j = 0; j < ntaps; ++j) {
+    const T* const* p = tap_rows + j * MR;
+    const T* w = wt[j];
+    for (int64_t o = 0; o < cout; ++o) {
+      vec_t<T> b[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) b[v] = vload(w + v * L);
+      w += NV * L;
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const vec_t<T> s = vbcast(p[r][o]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) a[r][v] += s * b[v];
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(acc + (r * NV + v) * L, a[r][v]);
+}
+
+// The tile kernels above are the hot loops: compile them once per ISA level and pick at load time (ifunc),
+// so one binary runs everywhere and uses AVX-512 where the CPU has it.
+#define T3D_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define T3D_TILE_VARIANTS(T, SUFFIX)                                                                              \
+  T3D_CLONES void fwd_tile_##SUFFIX(const T* src, const int64_t* rows, const int64_t* tap_off, int ntaps,           \
+                                    int64_t c0, int64_t cb, const T* const* wtap, T* acc, int64_t ld, int mr_valid, \
+                                    bool first) {                                                                   \
+    fwd_tile<T>(src, rows, tap_off, ntaps, c0, cb, wtap, acc, ld, mr_valid, first);                                 \
+  }                                                                                                                 \
+  T3D_CLONES void wgrad_tile_##SUFFIX(const T* src, const int64_t* rows, int64_t np, int64_t off, const T* gy,      \
+                                      int64_t ldg, T* acc) {                                                        \
+    wgrad_tile<T>(src, rows, np, off, gy, ldg, acc);                                                                \
+  }                                                                                                                 \
+  T3D_CLONES void dgrad_tile_##SUFFIX(const T* const* tap_rows, const T* const* wt, int ntaps, int64_t cout,        \
+                                      T* acc) {                                                                     \
+    dgrad_tile<T>(tap_rows, wt, ntaps, cout, acc);                                                                  \
+  }
+T3D_TILE_VARIANTS(float, f32)
+T3D_TILE_VARIANTS(double, f64)
+
+template <typename T>
+struct Tiles;
+template <>
+struct Tiles<float> {
+  static constexpr auto fwd = fwd_tile_f32;
+  static constexpr auto wgrad = wgrad_tile_f32;
+  static constexpr auto dgrad = dgrad_tile_f32;
+};
+template <>
+struct Tiles<double> {
+  static constexpr auto fwd = fwd_tile_f64;
+  static constexpr auto wgrad = wgrad_tile_f64;
+  static constexpr auto dgrad = dgrad_tile_f64;
+};
+
+// packed forward weights of a branch: [nblock][tap][c][NR], zero beyond cout
+template <typename T>
+at::Tensor pack_forward_weights(const at::Tensor& w, const Branch& b, int64_t C) {
+  constexpr int64_t NR = NV * kLanes<T>;
+  const int64_t taps = b.depth * b.kh * b.kw;
+  auto packed = at::zeros({b.nblocks, taps, C, NR}, w.options());
+  const T* pw = w.data_ptr<T>();
+  T* out = packed.data_ptr<T>();
+  for (int64_t o = 0; o < b.cout; ++o)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < taps; ++j)
+        out[(((o / NR) * taps + j) * C + c) * NR + o % NR] = pw[(o * C + c) * taps + j];
+  return packed;
+}
+
+// row offset (in rows of C) of the window corner for each output position (n, to, ho, wo)
+std::vector<int64_t> output_rows(const Problem& pb) {
+  const TtlGeometry& g = pb.g;
+  std::vector<int64_t> rows(pb.N * pb.Mo);
+  int64_t p = 0;
+  for (int64_t n = 0; n < pb.N; ++n)
+    for (int64_t to = 0; to < g.To; ++to)
+      for (int64_t ho = 0; ho < g.Ho; ++ho)
+        for (int64_t wo = 0; wo < g.Wo; ++wo)
+          rows[p++] = ((n * g.Ts + g.stride * to) * g.Hs + g.stride * ho) * g.Ws + g.stride * wo;
+  return rows;
+}
+
+template <typename T>
+void conv_forward(const T* src, const Problem& pb, const std::vector<at::Tensor>& weights, T* y) {
+  constexpr int64_t L = kLanes<T>, NR = NV * L;
+  const TtlGeometry& g = pb.g;
+  const int64_t C = pb.C, M = pb.N * pb.Mo;
+  const int64_t ld = pb.branches.back().acc_col + pb.branches.back().nblocks * NR;
+  std::vector<at::Tensor> packed;
+  for (size_t i = 0; i < weights.size(); ++i) packed.push_back(pack_forward_weights<T>(weights[i], pb.branches[i], C));
+  std::vector<T> acc(M * ld);
+  const std::vector<int64_t> rows = output_rows(pb);
+  const int64_t ntiles = (M + MR - 1) / MR;
+  at::parallel_for(0, ntiles, 4, [&](int64_t tb, int64_t te) {
+    int64_t tile_rows[MR];
+    for (size_t bi = 0; bi < pb.branches.size(); ++bi) {
+      const Branch& b = pb.branches[bi];
+      const int64_t sp = b.kh * b.kw, taps = b.depth * sp;
+      // channel block: keep one temporal tap's packed weights for the block within ~256 KB of L2
+      const int64_t cb_max = std::max<int64_t>(8, (256 * 1024) / (sp * NR * (int64_t)sizeof(T)));
+      const int64_t ncb = (C + cb_max - 1) / cb_max, cb_len = (C + ncb - 1) / ncb;
+      std::vector<int64_t> tap_off(taps);
+      for (int64_t dt = 0; dt < b.depth; ++dt)
+        for (int64_t dh = 0; dh < b.kh; ++dh)
+          for (int64_t dw = 0; dw < b.kw; ++dw)
+            tap_off[(dt * b.kh + dh) * b.kw + dw] = ((dt * g.Hs + dh) * g.Ws + dw) * C;
+      const T* wbase = packed[bi].data_ptr<T>();
+      std::vector<const T*> wtap(sp);
+      for (int64_t nb = 0; nb < b.nblocks; ++nb) {
+        T* acc_nb = acc.data() + b.acc_col + nb * NR;
+        bool first = true;
+        for (int64_t dt = 0; dt < b.depth; ++dt)
+          for (int64_t c0 = 0; c0 < C; c0 += cb_len) {
+            const int64_t cb = std::min(cb_len, C - c0);
+            for (int64_t s = 0; s < sp; ++s) wtap[s] = wbase + ((nb * taps + dt * sp + s) * C) * NR;
+            for (int64_t t = tb; t < te; ++t) {
+              const int64_t p0 = t * MR;
+              const int mr_valid = (int)std::min<int64_t>(MR, M - p0);
+              for (int r = 0; r < MR; ++r)
+                tile_rows[r] = (rows[p0 + std::min(r, mr_valid - 1)] + b.origin_row) * C;
+              Tiles<T>::fwd(src, tile_rows, tap_off.data() + dt * sp, (int)sp, c0, cb, wtap.data(), acc_nb + p0 * ld, ld,
+                          mr_valid, first);
+            }
+            first = false;
+          }
+      }
+    }
+  });
+  // channels-last accumulator -> y (N, C_out, To, Ho, Wo)
+  at::parallel_for(0, pb.N * pb.C_out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / pb.C_out, o = i % pb.C_out;
+      size_t bi = 0;
+      while (o >= pb.branches[bi].y_off + pb.branches[bi].cout) ++bi;
+      const int64_t col = pb.branches[bi].acc_col + (o - pb.branches[bi].y_off);
+      T* out = y + i * pb.Mo;
+      const T* in = acc.data() + n * pb.Mo * ld + col;
+      for (int64_t p = 0; p < pb.Mo; ++p) out[p] = in[p * ld];
+    }
+  });
+}
+
+// packed transposed weights of a branch: [cblock][tap][o][NR over input channels], zero beyond C
+template <typename T>
+at::Tensor pack_transposed_weights(const at::Tensor& w, const Branch& b, int64_t C) {
+  constexpr int64_t NR = NV * kLanes<T>;
+  const int64_t taps = b.depth * b.kh * b.kw, ncb = (C + NR - 1) / NR;
+  auto packed = at::zeros({ncb, taps, b.cout, NR}, w.options());
+  const T* pw = w.data_ptr<T>();
+  T* out = packed.data_ptr<T>();
+  for (int64_t o = 0; o < b.cout; ++o)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < taps; ++j)
+        out[(((c / NR) * taps + j) * b.cout + o) * NR + c % NR] = pw[(o * C + c) * taps + j];
+  return packed;
+}
+
+// Per dim: source index v receives tap k of a branch whose origin is o0 when (v - o0 - k) is a non-negative
+// multiple of the stride s and (v - o0 - k)/s < n_out.
+T3D_INLINE bool tap_hits(int64_t v, int64_t o0, int64_t k, int64_t s, int64_t n_out, int64_t& out_idx) {
+  const int64_t d = v - o0 - k;
+  if (d < 0 || d % s != 0) return false;
+  out_idx = d / s;
+  return out_idx < n_out;
+}
+
+template <typename T>
+void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vector<at::Tensor>& weights, T* gsrc) {
+  constexpr int64_t L = kLanes<T>, NR = NV * L;
+  const TtlGeometry& g = pb.g;
+  const int64_t C = pb.C, s = g.stride, ncb = (C + NR - 1) / NR;
+  std::vector<at::Tensor> packed;
+  for (size_t i = 0; i < weights.size(); ++i)
+    packed.push_back(pack_transposed_weights<T>(weights[i], pb.branches[i], C));
+  std::vector<T> zero_row(ldg, T(0));
+  // positions grouped by parity class (t%s, h%s, w%s); tiles of MR positions within one class and sample
+  struct Tile {
+    int64_t n, cls, first, count;
+  };
+  std::vector<Tile> tiles;
+  std::vector<std::vector<int64_t>> class_pos(s * s * s);  // (ts, hs, ws) packed as row index within a sample
+  for (int64_t ts = 0; ts < g.Ts; ++ts)
+    for (int64_t hs = 0; hs < g.Hs; ++hs)
+      for (int64_t ws = 0; ws < g.Ws; ++ws)
+        class_pos[((ts % s) * s + hs % s) * s + ws % s].push_back((ts * g.Hs + hs) * g.Ws + ws);
+  for (int64_t n = 0; n < pb.N; ++n)
+    for (int64_t cls = 0; cls < s * s * s; ++cls)
+      for (int64_t f = 0; f < (int64_t)class_pos[cls].size(); f += MR)
+        tiles.push_back({n, cls, f, std::min<int64_t>(MR, class_pos[cls].size() - f)});
+  const int64_t ntasks = (int64_t)tiles.size() * ncb;
+  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> tap_rows, wt;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t cbi = task % ncb;
+      const Tile& tile = tiles[task / ncb];
+      const int64_t* pos = class_pos[tile.cls].data() + tile.first;
+      alignas(64) T a[MR * NR] = {};
+      for (size_t bi = 0; bi < pb.branches.size(); ++bi) {
+        const Branch& b = pb.branches[bi];
+        tap_rows.clear();
+        wt.clear();
+        const int64_t taps = b.depth * b.kh * b.kw;
+        const T* wbase = packed[bi].data_ptr<T>() + cbi * taps * b.cout * NR;
+        // the class fixes which taps can land; each row checks its own bounds
+        const int64_t v0 = pos[0];
+        const int64_t t_0 = v0 / (g.Hs * g.Ws), h_0 = (v0 / g.Ws) % g.Hs, w_0 = v0 % g.Ws;
+        for (int64_t dt = 0; dt < b.depth; ++dt) {
+          if ((t_0 - b.t0 - dt) % s != 0) continue;
+          for (int64_t dh = 0; dh < b.kh; ++dh) {
+            if ((h_0 - b.h0 - dh) % s != 0) continue;
+            for (int64_t dw = 0; dw < b.kw; ++dw) {
+              if ((w_0 - b.w0 - dw) % s != 0) continue;
+              bool any = false;
+              const size_t at_ = tap_rows.size();
+              for (int r = 0; r < MR; ++r) {
+                const T* row = zero_row.data();
+                if (r < tile.count) {
+                  const int64_t v = pos[r];
+                  const int64_t ts = v / (g.Hs * g.Ws), hs = (v / g.Ws) % g.Hs, ws = v % g.Ws;
+                  int64_t to, ho, wo;
+                  if (tap_hits(ts, b.t0, dt, s, g.To, to) && tap_hits(hs, b.h0, dh, s, g.Ho, ho) &&
+                      tap_hits(ws, b.w0, dw, s, g.Wo, wo)) {
+                    row = gy_cl + (tile.n * pb.Mo + (to * g.Ho + ho) * g.Wo + wo) * ldg + b.y_off;
+                    any = true;
+                  }
+                }
+                tap_rows.push_back(row);
+              }
+              if (!any) {
+                tap_rows.resize(at_);
+                continue;
+              }
+              wt.push_back(wbase + ((dt * b.kh + dh) * b.kw + dw) * b.cout * NR);
+            }
+          }
+        }
+        if (!wt.empty()) Tiles<T>::dgrad(tap_rows.data(), wt.data(), (int)wt.size(), b.cout, a);
+      }
+      const int64_t c0 = cbi * NR, cvalid = std::min<int64_t>(NR, C - c0);
+      for (int r = 0; r < tile.count; ++r) {
+        T* out = gsrc + (tile.n * g.Ts * g.Hs * g.Ws + pos[r]) * C + c0;
+        std::memcpy(out, a + r * NR, cvalid * sizeof(T));
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 5. box adjoint + ReLU mask + BN backward
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename T>
+void input_grad(const T* gsrc, const at::Tensor& x, const Problem& pb, const T* scale, const T* shift,
+                const T* mean, const T* invstd, bool training, at::Tensor& grad_x, T* sum_g, T* sum_gx) {
+  const TtlGeometry& g = pb.g;
+  const int64_t C = pb.C;
+  const T* xp = x.data_ptr<T>();
+  T* gp = grad_x.data_ptr<T>();
+  const int64_t xs[5] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
+  const int64_t gs[5] = {grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3), grad_x.stride(4)};
+  const int nthreads = at::get_num_threads();
+  std::vector<T> partial(2 * C * nthreads, T(0));
+  const int64_t plane = g.Hs * g.Ws * C;
+  at::parallel_for(0, pb.N * g.T, 1, [&](int64_t begin, int64_t end) {
+    T* psum_g = partial.data() + 2 * C * at::get_thread_num();
+    T* psum_gx = psum_g + C;
+    std::vector<T> tsum(plane), gz(g.H * g.W * C);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t n = idx / g.T, t = idx % g.T;
+      const int64_t ut = t + g.front;
+      const T* base = gsrc + n * g.Ts * plane;
+      if (g.pool) {  // adjoint of the forward 2-window mean: source frames ut-1 and ut
+        std::fill(tsum.begin(), tsum.end(), T(0));
+        for (int64_t ts = ut - 1; ts <= ut; ++ts) {
+          if (ts < 0 || ts >= g.Ts) continue;
+          const T* pl = base + ts * plane;
+          for (int64_t i = 0; i < plane; ++i) tsum[i] += pl[i];
+        }
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t w = 0; w < g.W; ++w) {
+            T* po = gz.data() + (h * g.W + w) * C;
+            std::fill(po, po + C, T(0));
+            const int64_t uh = h + g.ph, uw = w + g.pw;
+            for (int64_t hs = uh - 1; hs <= uh; ++hs)
+              for (int64_t ws = uw - 1; ws <= uw; ++ws) {
+                if (hs < 0 || hs >= g.Hs || ws < 0 || ws >= g.Ws) continue;
+                const T* pi = tsum.data() + (hs * g.Ws + ws) * C;
+                for (int64_t c = 0; c < C; ++c) po[c] += pi[c];
+              }
+            for (int64_t c = 0; c < C; ++c) po[c] *= box_weight<T>();
+          }
+      } else {
+        const T* pl = base + ut * plane;
+        for (int64_t h = 0; h < g.H; ++h)
+          std::memcpy(gz.data() + h * g.W * C, pl + ((h + g.ph) * g.Ws + g.pw) * C, g.W * C * sizeof(T));
+      }
+      // ReLU mask, BN backward sums; in eval the final gradient directly
+      for (int64_t c = 0; c < C; ++c) {
+        const T sc = scale[c], sh = shift[c], mu = mean[c], is = invstd[c];
+        const T* px = xp + n * xs[0] + c * xs[1] + t * xs[2];
+        T* pg = gp + n * gs[0] + c * gs[1] + t * gs[2];
+        T acc_g = 0, acc_gx = 0;
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t w = 0; w < g.W; ++w) {
+            const T xv = px[h * xs[3] + w * xs[4]];
+            const T gv = (xv * sc + sh > T(0)) ? gz[(h * g.W + w) * C + c] : T(0);
+            acc_g += gv;
+            acc_gx += gv * (xv - mu) * is;
+            pg[h * gs[3] + w * gs[4]] = training ? gv : gv * sc;
+          }
+        psum_g[c] += acc_g;
+        psum_gx[c] += acc_gx;
+      }
+    }
+  });
+  for (int th = 0; th < nthreads; ++th)
+    for (int64_t c = 0; c < C; ++c) {
+      sum_g[c] += partial[2 * C * th + c];
+      sum_gx[c] += partial[2 * C * th + C + c];
+    }
+  if (!training) return;
+  // grad_x = scale * (g - sum_g/count - xhat * sum_gx/count): an affine map of (g, x) per channel
+  const T count = T(pb.N * g.T * g.H * g.W);
+  at::parallel_for(0, pb.N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / C, c = i % C;
+      const T sc = scale[c], is = invstd[c];
+      const T k_x = -sc * is * sum_gx[c] / count;
+      const T k_0 = -sc * sum_g[c] / count - k_x * mean[c];
+      const T* px = xp + n * xs[0] + c * xs[1];
+      T* pg = gp + n * gs[0] + c * gs[1];
+      for (int64_t t = 0; t < g.T; ++t)
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t w = 0; w < g.W; ++w) {
+            T& gv = pg[t * gs[2] + h * gs[3] + w * gs[4]];
+            gv = sc * gv + k_x * px[t * xs[2] + h * xs[3] + w * xs[4]] + k_0;
+          }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// drivers
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename T>
+void folded_bn(const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var,
+               double eps, std::vector<T>& scale, std::vector<T>& shift, std::vector<T>& invstd) {
+  const int64_t C = bn_weight.numel();
+  scale.resize(C), shift.resize(C), invstd.resize(C);
+  auto w = bn_weight.contiguous(), b = bn_bias.contiguous(), m = mean.contiguous(), v = var.contiguous();
+  for (int64_t c = 0; c < C; ++c) {
+    invstd[c] = T(1) / std::sqrt(v.data_ptr<T>()[c] + T(eps));
+    fold_bn(w.data_ptr<T>()[c], b.data_ptr<T>()[c], m.data_ptr<T>()[c], invstd[c], scale[c], shift[c]);
+  }
+}
+
+std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ws) {
+  std::vector<at::Tensor> out;
+  for (const auto& w : ws) out.push_back(w.contiguous());
+  return out;
+}
+
+void check_cpu_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "x: the cpu backend of ttl expects float32 or float64, got ", x.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor ttl_forward_cpu(const at::Tensor& x, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                           const at::Tensor& mean, const at::Tensor& var, const std::vector<at::Tensor>& weights,
+                           bool pool, double eps) {
+  check_ttl_inputs(x, bn_weight, bn_bias, mean, var, weights);
+  TORCH_CHECK(x.device().is_cpu(), "x: the cpu backend of ttl expects a CPU tensor, got ", x.device());
+  check_cpu_dtype(x);
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ttl_forward_cpu", [&] {
+    const auto ws = contiguous_all(weights);
+    const Problem pb = make_problem(x, ws, pool, NV * kLanes<scalar_t>);
+    std::vector<scalar_t> scale, shift, invstd;
+    folded_bn<scalar_t>(bn_weight, bn_bias, mean, var, eps, scale, shift, invstd);
+    auto src = at::empty({pb.N, pb.g.Ts, pb.g.Hs, pb.g.Ws, pb.C}, x.options());
+    build_source<scalar_t>(x, scale.data(), shift.data(), pb, src.data_ptr<scalar_t>());
+    y = at::empty({pb.N, pb.C_out, pb.g.To, pb.g.Ho, pb.g.Wo}, x.options());
+    conv_forward<scalar_t>(src.data_ptr<scalar_t>(), pb, ws, y.data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& bn_weight,
+                          const at::Tensor& bn_bias, const at::Tensor& mean, const at::Tensor& var,
+                          const std::vector<at::Tensor>& weights, bool pool, bool training, double eps) {
+  check_ttl_inputs(x, bn_weight, bn_bias, mean, var, weights);
+  TORCH_CHECK(x.device().is_cpu(), "x: the cpu backend of ttl expects a CPU tensor, got ", x.device());
+  check_cpu_dtype(x);
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "grad_y: expected dtype ", x.scalar_type(), ", got ",
+              grad_y.scalar_type());
+  at::Tensor grad_x = at::empty_like(x, x.suggest_memory_format());
+  at::Tensor grad_bn_weight = at::zeros_like(bn_weight), grad_bn_bias = at::zeros_like(bn_bias);
+  std::vector<at::Tensor> grad_weights;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ttl_backward_cpu", [&] {
+    using T = scalar_t;
+    constexpr int64_t L = kLanes<T>, NR = NV * L;
+    const auto ws = contiguous_all(weights);
+    const Problem pb = make_problem(x, ws, pool, NR);
+    const TtlGeometry& g = pb.g;
+    TORCH_CHECK(grad_y.dim() == 5 && grad_y.size(0) == pb.N && grad_y.size(1) == pb.C_out &&
+                    grad_y.size(2) == g.To && grad_y.size(3) == g.Ho && grad_y.size(4) == g.Wo,
+                "grad_y: expected shape (", pb.N, ", ", pb.C_out, ", ", g.To, ", ", g.Ho, ", ", g.Wo, "), got ",
+                grad_y.sizes());
+    std::vector<T> scale, shift, invstd;
+    folded_bn<T>(bn_weight, bn_bias, mean, var, eps, scale, shift, invstd);
+    auto src = at::empty({pb.N, g.Ts, g.Hs, g.Ws, pb.C}, x.options());
+    build_source<T>(x, scale.data(), shift.data(), pb, src.data_ptr<T>());
+    const T* srcp = src.data_ptr<T>();
+    // gy channels-last with NR zero columns of slack so full-width vector loads stay in bounds
+    const int64_t M = pb.N * pb.Mo, ldg = pb.C_out + NR;
+    std::vector<T> gy_cl(M * ldg, T(0));
+    {
+      auto gyc = grad_y.contiguous();
+      const T* pg = gyc.data_ptr<T>();
+      at::parallel_for(0, pb.N, 1, [&](int64_t nb, int64_t ne) {
+        for (int64_t n = nb; n < ne; ++n)
+          for (int64_t o = 0; o < pb.C_out; ++o)
+            for (int64_t p = 0; p < pb.Mo; ++p) gy_cl[(n * pb.Mo + p) * ldg + o] = pg[(n * pb.C_out + o) * pb.Mo + p];
+      });
+    }
+    const std::vector<int64_t> rows = output_rows(pb);
+    // 3. weight gradients: tasks (branch, tap, 8-channel tile of C, block of NR output channels)
+    for (size_t bi = 0; bi < pb.branches.size(); ++bi) {
+      const Branch& b = pb.branches[bi];
+      const int64_t taps = b.depth * b.kh * b.kw, nct = (pb.C + MR - 1) / MR;
+      auto gw = at::empty({b.cout, pb.C, b.depth, b.kh, b.kw}, x.options());
+      T* gwp = gw.data_ptr<T>();
+      std::vector<int64_t> rows_c(M);
+      for (int64_t p = 0; p < M; ++p) rows_c[p] = (rows[p] + b.origin_row) * pb.C;
+      at::parallel_for(0, taps * b.nblocks * nct, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t ct = task % nct, nb = (task / nct) % b.nblocks, j = task / (nct * b.nblocks);
+          const int64_t dt = j / (b.kh * b.kw), dh = (j / b.kw) % b.kh, dw = j % b.kw;
+          const int64_t c0 = ct * MR, cvalid = std::min<int64_t>(MR, pb.C - c0);
+          const int64_t off = ((dt * g.Hs + dh) * g.Ws + dw) * pb.C + c0;
+          alignas(64) T a[MR * NR] = {};
+          if (cvalid == MR) {
+            Tiles<T>::wgrad(srcp, rows_c.data(), M, off, gy_cl.data() + b.y_off + nb * NR, ldg, a);
+          } else {  // channel tail: read through a padded copy of the rows' last channels
+            std::vector<T> tail(M * MR, T(0));
+            for (int64_t p = 0; p < M; ++p)
+              for (int64_t r = 0; r < cvalid; ++r) tail[p * MR + r] = srcp[rows_c[p] + off + r];
+            std::vector<int64_t> trow(M);
+            for (int64_t p = 0; p < M; ++p) trow[p] = p * MR;
+            Tiles<T>::wgrad(tail.data(), trow.data(), M, 0, gy_cl.data() + b.y_off + nb * NR, ldg, a);
+          }
+          for (int r = 0; r < cvalid; ++r)
+            for (int64_t oo = 0; oo < NR && nb * NR + oo < b.cout; ++oo)
+              gwp[((nb * NR + oo) * pb.C + c0 + r) * taps + j] = a[r * NR + oo];
+        }
+      });
+      grad_weights.push_back(gw);
+    }
+    // 4. gradient of the source tensor (reuses src's storage: src is no longer needed)
+    auto gsrc = at::empty_like(src);
+    source_grad<T>(gy_cl.data(), ldg, pb, ws, gsrc.data_ptr<T>());
+    src.reset();
+    // 5. box adjoint, ReLU mask, BN backward
+    std::vector<T> sum_g(pb.C, T(0)), sum_gx(pb.C, T(0));
+    std::vector<T> mean_v(pb.C);
+    auto mc = mean.contiguous();
+    for (int64_t c = 0; c < pb.C; ++c) mean_v[c] = mc.data_ptr<T>()[c];
+    input_grad<T>(gsrc.data_ptr<T>(), x, pb, scale.data(), shift.data(), mean_v.data(), invstd.data(), training,
+                  grad_x, sum_g.data(), sum_gx.data());
+    for (int64_t c = 0; c < pb.C; ++c) {
+      grad_bn_bias.data_ptr<T>()[c] = sum_g[c];
+      grad_bn_weight.data_ptr<T>()[c] = sum_gx[c];
+    }
+  });
+  return {grad_x, grad_bn_weight, grad_bn_bias, grad_weights};
+}
+
+}  // namespace t3d
