@@ -19,7 +19,7 @@ def _sources(pattern):
 
 def extensions():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = ["-O3", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
     define_macros = []
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     use_cuda = force_cuda or (torch.version.cuda is not None and CUDA_HOME is not None)
@@ -28,7 +28,7 @@ def extensions():
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx})
     if use_cuda:
         define_macros.append(("WITH_CUDA", None))
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
         return [CUDAExtension("t3d_kernels._C", sources + _sources("csrc/cuda/*.cu"), define_macros=define_macros, **kwargs)]
     return [CppExtension("t3d_kernels._C", sources, define_macros=define_macros, **kwargs)]
 
