@@ -48,8 +48,20 @@ _split_override: int | None = None
 
 
 @triton.jit
+def _fold_bn(gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, offs_c, c_mask, ACC: tl.constexpr):
+    # folded in the kernels rather than by torch ops on the host: each of those costs a launch
+    gamma = tl.load(gamma_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
+    beta = tl.load(beta_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
+    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
+    var = tl.load(var_ptr + offs_c, mask=c_mask, other=1.0).to(ACC)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    scale = gamma * invstd
+    return scale, beta - mean * scale, mean, invstd
+
+
+@triton.jit
 def _bn_relu_box_kernel(
-    x_ptr, scale_ptr, shift_ptr, src_ptr,
+    x_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, src_ptr,
     C, T, H, W, Ts, Hs, Ws, front, ph, pw,
     sxn, sxc, sxt, sxh, sxw,
     NTAPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
@@ -65,8 +77,7 @@ def _bn_relu_box_kernel(
     ws = offs_p % Ws
     hs = (offs_p // Ws) % Hs
     ts = offs_p // (Ws * Hs)
-    scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
-    shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
+    scale, shift, _, _ = _fold_bn(gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, offs_c, c_mask, ACC)
     x_base = x_ptr + n * sxn + offs_c[None, :].to(tl.int64) * sxc
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     for a in tl.static_range(NTAPS):
@@ -248,7 +259,7 @@ def _conv_dgrad_kernel(
 
 @triton.jit
 def _box_adjoint_bn_bwd_kernel(
-    gsrc_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, sums_ptr, gx_ptr,
+    gsrc_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, sums_ptr, gx_ptr,
     C, T, H, W, Ts, Hs, Ws, front, ph, pw, count,
     sxn, sxc, sxt, sxh, sxw,
     NTAPS: tl.constexpr, MODE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
@@ -280,10 +291,7 @@ def _box_adjoint_bn_bwd_kernel(
         g = g * 0.125
     x_off = n * sxn + offs_c[None, :].to(tl.int64) * sxc + (t.to(tl.int64) * sxt + h * sxh + w * sxw)[:, None]
     xv = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
-    scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
-    shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
-    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
-    invstd = tl.load(invstd_ptr + offs_c, mask=c_mask, other=0.0).to(ACC)
+    scale, shift, mean, invstd = _fold_bn(gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, offs_c, c_mask, ACC)
     g = tl.where(mask & (xv * scale[None, :] + shift[None, :] > 0.0), g, 0.0)
     xhat = (xv - mean[None, :]) * invstd[None, :]
     if MODE != 1:
@@ -364,20 +372,13 @@ class _Geometry:
             c_off += c_br
 
 
-def _fold_bn(bn_weight, bn_bias, mean, var, eps, acc_dtype):
-    invstd = torch.rsqrt(var.to(acc_dtype) + eps)
-    scale = bn_weight.to(acc_dtype) * invstd
-    shift = bn_bias.to(acc_dtype) - mean.to(acc_dtype) * scale
-    return scale.contiguous(), shift.contiguous(), invstd.contiguous()
-
-
-def _box_source(x, scale, shift, g: _Geometry, dtype) -> torch.Tensor:
+def _box_source(x, bn, eps, g: _Geometry, dtype) -> torch.Tensor:
     """src = box(zero-padded relu(bn(x))) (or the padded z), channels-last (N, Ts, Hs, Ws, C_in)."""
     src = torch.empty((g.N, g.Ts, g.Hs, g.Ws, g.C), device=x.device, dtype=dtype)
     block_p, block_c = (64, _pow2(g.C, 16, 32)) if not _interpreted(x.device) else (64, _pow2(g.C, 16, 64))
     grid = (triton.cdiv(g.Ts * g.Hs * g.Ws, block_p), triton.cdiv(g.C, block_c), g.N)
     _bn_relu_box_kernel[grid](
-        x, scale, shift, src,
+        x, *bn, eps, src,
         g.C, g.T, g.H, g.W, g.Ts, g.Hs, g.Ws, g.front, g.ph, g.pw,
         *x.stride(),
         NTAPS=8 if g.pool else 1, BLOCK_P=block_p, BLOCK_C=block_c, ACC=_acc_dtype(dtype),
@@ -396,6 +397,20 @@ def _fwd_config(g: _Geometry, c_br: int, dtype: torch.dtype, device: torch.devic
         num_warps=4,
         num_stages=3,
     )
+
+
+def _wgrad_config(g: _Geometry, c_br: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """BLOCK_M (positions reduced per step), BLOCK_CI, BLOCK_CO, num_warps, num_stages of the weight gradient."""
+    if _interpreted(device):
+        return 32, _pow2(g.C, 16, 32), _pow2(c_br, 16, 32), 4, 1
+    return 64, _pow2(g.C, 16, 64), _pow2(c_br, 16, 64), 4, 3
+
+
+def _dgrad_config(g: _Geometry, c_br: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """BLOCK_M (src positions of a parity class), BLOCK_N (C_in), BLOCK_K (C_i), num_warps, num_stages."""
+    if _interpreted(device):
+        return 32, _pow2(g.C, 16, 64), _pow2(c_br, 16, 32), 4, 1
+    return 64, _pow2(g.C, 16, 128), min(_pow2(c_br, 16, 64), 32), 4, 3
 
 
 def _split(work_programs: int, max_split: int, device: torch.device) -> int:
@@ -426,8 +441,8 @@ def forward(
     y_shape = (g.N, g.c_total, g.To, g.Ho, g.Wo)
     if g.M == 0:
         return x.new_zeros(y_shape)
-    scale, shift, _ = _fold_bn(bn_weight, bn_bias, mean, var, eps, acc_torch)
-    src = _box_source(x, scale, shift, g, dtype)
+    bn = [t.contiguous() for t in (bn_weight, bn_bias, mean, var)]
+    src = _box_source(x, bn, eps, g, dtype)
     plans = []
     for w, (c_off, c_br, d, kh, kw, origin) in zip(weights, g.branches, strict=False):
         cfg = _fwd_config(g, c_br, dtype, x.device)
@@ -480,18 +495,15 @@ def backward(
     acc_torch = torch.float64 if dtype == torch.float64 else torch.float32
     precision = _precision(dtype)
     interp = _interpreted(x.device)
-    scale, shift, invstd = _fold_bn(bn_weight, bn_bias, mean, var, eps, acc_torch)
-    src = _box_source(x, scale, shift, g, dtype)
+    bn = [t.contiguous() for t in (bn_weight, bn_bias, mean, var)]
+    src = _box_source(x, bn, eps, g, dtype)
     gy = grad_y.to(dtype).contiguous()
     grad_src = torch.zeros((g.N, g.Ts, g.Hs, g.Ws, g.C), device=x.device, dtype=acc_torch)
     grad_weights = []
     for w, (c_off, c_br, d, kh, kw, (t0, h0, w0)) in zip(weights, g.branches, strict=False):
         n_taps = d * kh * kw
         # --- grad W: (tap, ci, co) = sum over positions src * grad_y
-        if interp:
-            block_m, block_ci, block_co, nw, ns = 32, _pow2(g.C, 16, 32), _pow2(c_br, 16, 32), 4, 1
-        else:
-            block_m, block_ci, block_co, nw, ns = 64, _pow2(g.C, 16, 64), _pow2(c_br, 16, 64), 4, 3
+        block_m, block_ci, block_co, nw, ns = _wgrad_config(g, c_br, x.device)
         work = n_taps * triton.cdiv(g.C, block_ci) * triton.cdiv(c_br, block_co)
         split = _split(work, triton.cdiv(g.M, block_m), x.device)
         m_per_split = triton.cdiv(triton.cdiv(g.M, split), block_m) * block_m
@@ -516,10 +528,7 @@ def backward(
         lt, lh, lw = s * (g.To - 1) + d, s * (g.Ho - 1) + kh, s * (g.Wo - 1) + kw
         qt, qh, qw = triton.cdiv(lt, s), triton.cdiv(lh, s), triton.cdiv(lw, s)
         m_q = g.N * qt * qh * qw
-        if interp:
-            block_m, block_n, block_k, nw, ns = 32, _pow2(g.C, 16, 64), _pow2(c_br, 16, 32), 4, 1
-        else:
-            block_m, block_n, block_k, nw, ns = 64, _pow2(g.C, 16, 128), min(_pow2(c_br, 16, 64), 32), 4, 3
+        block_m, block_n, block_k, nw, ns = _dgrad_config(g, c_br, x.device)
         w_t = w.to(dtype).permute(2, 3, 4, 0, 1).contiguous()  # (tap, co, ci)
         grid = (triton.cdiv(m_q, block_m), triton.cdiv(g.C, block_n), 8 if s == 2 else 1)
         _conv_dgrad_kernel[grid](
@@ -533,13 +542,12 @@ def backward(
     # --- box adjoint, ReLU mask, BN backward
     grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     sums = torch.zeros(2 * g.C, device=x.device, dtype=acc_torch)
-    mean_a = mean.to(acc_torch).contiguous()
     block_p, block_c = (64, _pow2(g.C, 16, 32)) if not interp else (64, _pow2(g.C, 16, 64))
     grid = (triton.cdiv(g.T * g.H * g.W, block_p), triton.cdiv(g.C, block_c), g.N)
     count = float(g.N * g.T * g.H * g.W)
     for mode in (0, 1) if training else (2,):
         _box_adjoint_bn_bwd_kernel[grid](
-            grad_src, x, scale, shift, mean_a, invstd, sums, grad_x,
+            grad_src, x, *bn, eps, sums, grad_x,
             g.C, g.T, g.H, g.W, g.Ts, g.Hs, g.Ws, g.front, g.ph, g.pw, count,
             *x.stride(),
             NTAPS=8 if pool else 1, MODE=mode, BLOCK_P=block_p, BLOCK_C=block_c, ACC=acc,
