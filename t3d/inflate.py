@@ -27,6 +27,7 @@ __all__ = [
     "densenet2d_like",
     "inflate_densenet2d_to_t3d",
     "inflate_kernel",
+    "normalize_densenet2d_state",
     "read_densenet2d_state",
     "ttl_kernel_from_transition",
 ]
@@ -96,6 +97,12 @@ def read_densenet2d_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"weights: expected a state_dict (a dict of name -> tensor) in {path!r}, got {_describe(state)}"
         )
+    return normalize_densenet2d_state(state)
+
+
+def normalize_densenet2d_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Today's torchvision key names for a DenseNet state_dict: pre-0.3 names ("norm.1" -> "norm1"), no DDP
+    "module." prefix, ``num_batches_tracked`` filled with 0 where missing (files saved before PyTorch 0.4.1)."""
     state = {_OLD_KEY.sub(lambda m: m.group(1) + m.group(2), k).removeprefix("module."): v for k, v in state.items()}
     return _fill_num_batches_tracked(state)
 
@@ -156,7 +163,7 @@ def inflate_densenet2d_to_t3d(
                 f"model3d: {name} has {ttl.out_channels} output channels but a 2D DenseNet transition has "
                 f"{ttl.in_channels // 2} (theta = 0.5); inflation needs the default TTL channels (ttl_channels=None)"
             )
-    state = _fill_num_batches_tracked(dict(model2d_state))
+    state = normalize_densenet2d_state(model2d_state)
     with torch.device("meta"):  # only its key names and shapes are needed
         twin = densenet2d_like(model3d, num_classes=model3d.classifier.out_features)
     expected = {k: v.shape for k, v in twin.state_dict().items()}

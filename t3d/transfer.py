@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .inflate import check_state_matches, densenet2d_like, read_densenet2d_state
+from .inflate import check_state_matches, densenet2d_like, normalize_densenet2d_state, read_densenet2d_state
 from .models import T3D, DenseNet2d, densenet121
 from .train import StepOutput
 
@@ -265,7 +265,11 @@ def build_teacher(
         raise ValueError(f"teacher arch: expected 'auto' or one of {sorted(TEACHERS)}, got {arch!r}")
     what = "teacher weights"
     if isinstance(weights, Mapping):
-        state = dict(weights)
+        if not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise ValueError(
+                "teacher weights: expected a state_dict (a mapping of name -> tensor), got non-tensor values"
+            )
+        state = normalize_densenet2d_state(weights)
     else:
         state = read_densenet2d_state(weights)
         what = f"teacher weights {os.fspath(weights)!r}"

@@ -333,6 +333,9 @@ def test_bad_teacher_weights_give_clear_errors(tmp_path):
     # DenseNet-121 asked for, tiny weights given: the mismatch is listed, not a crash
     with pytest.raises(ValueError, match="missing keys"):
         build_teacher(student, state, arch="densenet121")
+    # DDP-saved ("module.") and pre-PyTorch-0.4.1 (no num_batches_tracked) state dicts are accepted
+    legacy = {"module." + k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    assert torch.equal(build_teacher(student, legacy).model.features.norm5.weight, state["features.norm5.weight"])
     # the ImageNet classifier is optional
     teacher = build_teacher(student, {k: v for k, v in state.items() if not k.startswith("classifier.")})
     assert torch.equal(teacher.model.features.conv0.weight, state["features.conv0.weight"])
