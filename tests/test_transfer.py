@@ -397,3 +397,40 @@ def test_cli_inflate_transfer_finetune_eval(tmp_path, capsys):
     assert "data_dir" in capsys.readouterr().err
     assert t3d(f"{transfer} --batch-size 1 {common}") == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_gloo_transfer_equals_gradient_accumulation(tmp_path):
+    """torchrun, 2 processes x batch 2 == 1 process x batch 2 x 2 accumulation steps, bitwise on every parameter:
+    each process draws its negatives among its own clips, exactly as each micro-batch does."""
+    import subprocess
+    import sys
+
+    from t3d.checkpoint import load_checkpoint
+    from t3d.synthetic import make_synthetic
+
+    data, weights = str(tmp_path / "syn"), str(tmp_path / "tiny2d.pth")
+    make_synthetic(data, num_classes=2, train_per_class=4, test_per_class=1, frames=16, size=32)
+    torch.save(tiny_teacher_2d().state_dict(), weights)
+    args = f"transfer {data} --teacher-weights {weights} --format ucf101 --model t3d_tiny --backend reference "
+    args += "--clip 16x32x32 --batch-size 2 --max-steps 2 --threads 1 --workers 0 --no-progress"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "t3d"]
+    proc = subprocess.run(
+        [*cmd, *args.split(), "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "global batch 4 (2 process(es)" in proc.stdout
+    assert t3d(f"{args} --accum-steps 2 --out {tmp_path}/accum") == 0
+    # rank 0 alone writes
+    assert sorted(os.listdir(tmp_path / "ddp")) == ["last.pt", "log.jsonl", "student.pt"]
+    ddp_ckpt, accum_ckpt = (load_checkpoint(tmp_path / run / "last.pt") for run in ("ddp", "accum"))
+    assert ddp_ckpt["step"] == accum_ckpt["step"] == 2 and ddp_ckpt["meta"]["world_size"] == 2
+    ddp, accum = ddp_ckpt["model"], accum_ckpt["model"]
+    params = [k for k, v in ddp.items() if v.is_floating_point() and "running_" not in k]
+    assert any(k.startswith("head.") for k in params) and any(k.startswith("student.features") for k in params)
+    for k in params:
+        assert torch.equal(ddp[k], accum[k]), k
+    # gradients flowed: the momentum buffers of the optimizer are non-zero
+    momentum = [s["momentum_buffer"] for s in ddp_ckpt["optimizer"]["state"].values()]
+    assert momentum and all(m.abs().sum() > 0 for m in momentum)
