@@ -5,8 +5,12 @@
 //   backward: src recomputed; per branch the weight gradient (reduction over positions, split with atomics when
 //             the grid is small) and the gradient of src as a transposed conv in gather form, one parity class
 //             of src positions per grid slice; then the box filter's adjoint, the ReLU mask and BN backward.
-// GEMM tiles: 64 x 64 outputs per block of 256 threads (4 x 4 per thread), K in steps of 16 through shared memory,
-// accumulation in float (double for double). Per-element math and geometry come from common/ttl_math.h.
+// GEMM tiles: 64 x 64 outputs per block of 256 threads, K in steps of 16 through shared memory, accumulation in float
+// (double for double). The products run on tensor cores (WMMA, TF32 inputs, fp32 accumulators; 8 warps x two 16x16
+// fragments) for half and bfloat16 (exact: their mantissas fit TF32's) and for float when torch allows TF32 for cuDNN
+// (torch.backends.cudnn.allow_tf32, PyTorch's default: the convolutions this op replaces use TF32 then too); else on
+// the CUDA cores, 4 x 4 outputs per thread. Per-element math and geometry come from common/ttl_math.h.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 // Only c10/core headers: a CPU build of torch (where CI compile-checks this file) ships no c10/cuda or ATen/cuda
@@ -15,8 +19,10 @@
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/ttl_math.h"
 #include "ttl.h"
@@ -27,6 +33,99 @@ namespace {
 constexpr int kTile = 64;    // output tile edge (rows and columns)
 constexpr int kTileK = 16;   // reduction step held in shared memory
 constexpr int kThreads = 256;
+constexpr int kLd = kTile + 4;  // padded row of the shared tiles: a multiple of 4 floats, as WMMA needs
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define T3D_TENSOR_CORES 1
+#else
+#define T3D_TENSOR_CORES 0
+#endif
+
+// A 64 x 64 output tile on tensor cores: warp w owns rows 16 (w % 4) and columns 32 (w / 4) + {0, 16}. A(m, k) is
+// read column-major (a[k * lda + m]), B(k, n) row-major (b[k * ldb + n]), both float in shared memory.
+struct TensorCoreTile {
+#if T3D_TENSOR_CORES
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> c[2];
+#endif
+  __device__ void zero() {
+#if T3D_TENSOR_CORES
+    nvcuda::wmma::fill_fragment(c[0], 0.0f);
+    nvcuda::wmma::fill_fragment(c[1], 0.0f);
+#endif
+  }
+  __device__ void step(const float* a, int lda, const float* b, int ldb) {
+#if T3D_TENSOR_CORES
+    using namespace nvcuda;
+    const int warp = threadIdx.x / 32, rb = warp % 4, cb = (warp / 4) * 2;
+#pragma unroll
+    for (int k0 = 0; k0 < kTileK; k0 += 8) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fa;
+      wmma::load_matrix_sync(fa, a + k0 * lda + rb * 16, lda);
+#pragma unroll
+      for (int t = 0; t < fa.num_elements; ++t) fa.x[t] = wmma::__float_to_tf32(fa.x[t]);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, b + k0 * ldb + (cb + j) * 16, ldb);
+#pragma unroll
+        for (int t = 0; t < fb.num_elements; ++t) fb.x[t] = wmma::__float_to_tf32(fb.x[t]);
+        wmma::mma_sync(c[j], fa, fb, c[j]);
+      }
+    }
+#endif
+  }
+  // into the thread-per-element layout of the epilogue: acc[i][j] = C(tx + 16 i, ty + 16 j)
+  template <typename acc_t>
+  __device__ void unpack(float* cs, acc_t (&acc)[4][4]) {
+#if T3D_TENSOR_CORES
+    const int warp = threadIdx.x / 32, rb = warp % 4, cb = (warp / 4) * 2;
+    for (int j = 0; j < 2; ++j)
+      nvcuda::wmma::store_matrix_sync(cs + rb * 16 * kLd + (cb + j) * 16, c[j], kLd, nvcuda::wmma::mem_row_major);
+    __syncthreads();
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = cs[(tx + 16 * i) * kLd + ty + 16 * j];
+#endif
+  }
+};
+
+// acc[i][j] += A(tx + 16 i, k) B(k, ty + 16 j) over the 16 k of the shared tiles, on the CUDA cores
+template <typename acc_t>
+__device__ __forceinline__ void simt_step(const acc_t* a, int lda, const acc_t* b, int ldb, acc_t (&acc)[4][4]) {
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int k = 0; k < kTileK; ++k) {
+    acc_t av[4], bv[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) av[i] = a[k * lda + tx + 16 * i];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) bv[j] = b[k * ldb + ty + 16 * j];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+  }
+}
+
+template <typename acc_t, bool kTC>
+struct Mma {
+  static constexpr bool kTensor = kTC && std::is_same<acc_t, float>::value;
+  TensorCoreTile tile;
+  __device__ void zero() {
+    if constexpr (kTensor) tile.zero();
+  }
+  __device__ void step(const acc_t* a, int lda, const acc_t* b, int ldb, acc_t (&acc)[4][4]) {
+    if constexpr (kTensor)
+      tile.step(reinterpret_cast<const float*>(a), lda, reinterpret_cast<const float*>(b), ldb);
+    else
+      simt_step(a, lda, b, ldb, acc);
+  }
+  __device__ void finish(float* cs, acc_t (&acc)[4][4]) {
+    if constexpr (kTensor) tile.unpack(cs, acc);
+  }
+};
 
 struct ConvArgs {
   int64_t M;                   // rows of the GEMM: N*To*Ho*Wo (forward, wgrad) or N*Qt*Qh*Qw (dgrad)
@@ -97,12 +196,15 @@ __global__ void bn_relu_box_kernel(const scalar_t* __restrict__ x, const scalar_
 
 // ---- 2. forward implicit GEMM of one branch. Thread (tx, ty) owns rows m0 + tx + 16 i and columns n0 + ty + 16 j,
 // so the stores to y (positions contiguous per channel) coalesce over tx.
-template <typename scalar_t, typename acc_t, bool kAtomic>
+template <typename scalar_t, typename acc_t, bool kAtomic, bool kTC>
 __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(const scalar_t* __restrict__ src,
                                                              const scalar_t* __restrict__ wk, scalar_t* y,
                                                              acc_t* y_acc, ConvArgs a, int64_t taps_per_split) {
-  __shared__ acc_t As[kTileK][kTile];
-  __shared__ acc_t Bs[kTileK][kTile + 4];
+  __shared__ __align__(32) acc_t As[kTileK][kLd];
+  __shared__ __align__(32) acc_t Bs[kTileK][kLd];
+  __shared__ __align__(32) float Cs[kTC ? kTile * kLd : 1];
+  Mma<acc_t, kTC> mma;
+  mma.zero();
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t m0 = (int64_t)blockIdx.x * kTile, n0 = (int64_t)blockIdx.y * kTile;
   const int64_t P = a.To * a.Ho * a.Wo;
@@ -140,21 +242,11 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(const scalar_t* __re
                                  : acc_t(0);
       }
       __syncthreads();
-#pragma unroll
-      for (int k = 0; k < kTileK; ++k) {
-        acc_t av[4], bv[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) av[i] = As[k][tx + 16 * i];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) bv[j] = Bs[k][ty + 16 * j];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
-      }
+      mma.step(&As[0][0], kLd, &Bs[0][0], kLd, acc);
       __syncthreads();
     }
   }
+  mma.finish(Cs, acc);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t m = m0 + tx + 16 * i;
@@ -175,12 +267,15 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(const scalar_t* __re
 
 // ---- 3. weight gradient of one branch: gw[tap][ci][co] = sum_m src[m, tap, ci] * gy[m, co]. Block: one tap, 64 ci
 // x 64 co; the reduction over positions runs in steps of 16, a slice of positions per blockIdx.z.
-template <typename scalar_t, typename acc_t, bool kAtomic>
+template <typename scalar_t, typename acc_t, bool kAtomic, bool kTC>
 __global__ void __launch_bounds__(kThreads) conv_wgrad_kernel(const scalar_t* __restrict__ src,
                                                                const scalar_t* __restrict__ gy, scalar_t* gw,
                                                                acc_t* gw_acc, ConvArgs a, int64_t m_per_split) {
-  __shared__ acc_t As[kTileK][kTile + 4];  // [m][ci]
-  __shared__ acc_t Bs[kTileK][kTile + 4];  // [m][co]
+  __shared__ __align__(32) acc_t As[kTileK][kLd];  // [m][ci]
+  __shared__ __align__(32) acc_t Bs[kTileK][kLd];  // [m][co]
+  __shared__ __align__(32) float Cs[kTC ? kTile * kLd : 1];
+  Mma<acc_t, kTC> mma;
+  mma.zero();
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t ci_tiles = (a.C_in + kTile - 1) / kTile;
   const int64_t tap = blockIdx.x / ci_tiles, ci0 = (blockIdx.x % ci_tiles) * kTile, co0 = (int64_t)blockIdx.y * kTile;
@@ -212,20 +307,10 @@ __global__ void __launch_bounds__(kThreads) conv_wgrad_kernel(const scalar_t* __
       Bs[k][tid / kTileK + 16 * j] = v;
     }
     __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kTileK; ++k) {
-      acc_t av[4], bv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = As[k][tx + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) bv[j] = Bs[k][ty + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
-    }
+    mma.step(&As[0][0], kLd, &Bs[0][0], kLd, acc);
     __syncthreads();
   }
+  mma.finish(Cs, acc);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t ci = ci0 + tx + 16 * i;
@@ -246,12 +331,15 @@ __global__ void __launch_bounds__(kThreads) conv_wgrad_kernel(const scalar_t* __
 // ---- 4. gradient of src of one branch: the transposed stride-s conv in gather form. A src position at view offset
 // r = s*q + parity (per dim) is reached by the taps parity + s*k from output o = q - k: per parity class a stride-1
 // correlation, so no tap is visited in vain. blockIdx.z = parity class; each src position belongs to one block.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kTC>
 __global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(const scalar_t* __restrict__ gy,
                                                                const scalar_t* __restrict__ wt, acc_t* gsrc,
                                                                ConvArgs a) {
-  __shared__ acc_t As[kTileK][kTile];      // [co][row]
-  __shared__ acc_t Bs[kTileK][kTile + 4];  // [co][ci]
+  __shared__ __align__(32) acc_t As[kTileK][kLd];  // [co][row]
+  __shared__ __align__(32) acc_t Bs[kTileK][kLd];  // [co][ci]
+  __shared__ __align__(32) float Cs[kTC ? kTile * kLd : 1];
+  Mma<acc_t, kTC> mma;
+  mma.zero();
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t s = a.stride;
   const int64_t pt = blockIdx.z / 4, phh = (blockIdx.z / 2) % 2, pww = blockIdx.z % 2;
@@ -284,21 +372,11 @@ __global__ void __launch_bounds__(kThreads) conv_dgrad_kernel(const scalar_t* __
             (co < a.C_br && ci < a.C_in) ? static_cast<acc_t>(wt[(w_tap * a.C_br + co) * a.C_in + ci]) : acc_t(0);
       }
       __syncthreads();
-#pragma unroll
-      for (int k = 0; k < kTileK; ++k) {
-        acc_t av[4], bv[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) av[i] = As[k][tx + 16 * i];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) bv[j] = Bs[k][ty + 16 * j];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
-      }
+      mma.step(&As[0][0], kLd, &Bs[0][0], kLd, acc);
       __syncthreads();
     }
   }
+  mma.finish(Cs, acc);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t m = m0 + tx + 16 * i;
@@ -440,6 +518,25 @@ at::Tensor box_source(const at::Tensor& x, const at::Tensor& bn_weight, const at
   return src;
 }
 
+// Tensor cores (see the file's head): half/bfloat16 always, float when torch allows TF32 for cuDNN; sm_80 or newer.
+bool use_tensor_cores(const at::Tensor& x) {
+  if (x.scalar_type() == at::kDouble) return false;
+  if (x.scalar_type() == at::kFloat && !at::globalContext().allowTF32CuDNN()) return false;
+  int device = 0, major = 0;
+  cuda_check(cudaGetDevice(&device));
+  cuda_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
+
+// f(std::true_type) or f(std::false_type): a run-time flag to a template argument
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
@@ -459,6 +556,7 @@ at::Tensor ttl_forward_cuda(const at::Tensor& x_in, const at::Tensor& bn_weight_
   const int64_t M = N * g.To * g.Ho * g.Wo;
   if (M == 0) return at::zeros({N, C_total, g.To, g.Ho, g.Wo}, x.options());
   const auto src = box_source(x, bn_weight, bn_bias, mean, var, g, eps);
+  const bool tc = use_tensor_cores(x);
 
   std::vector<int64_t> splits;
   bool atomic = false;
@@ -480,14 +578,17 @@ at::Tensor ttl_forward_cuda(const at::Tensor& x_in, const at::Tensor& bn_weight_
     const dim3 grid(ceil_div(M, kTile), ceil_div(b.c_br, kTile), ceil_div(n_taps, per));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ttl_forward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      if (atomic)
-        conv_fwd_kernel<scalar_t, acc_t, true><<<grid, kThreads, 0, stream>>>(
-            src.const_data_ptr<scalar_t>(), wk.const_data_ptr<scalar_t>(), nullptr, y_acc.mutable_data_ptr<acc_t>(), a,
-            per);
-      else
-        conv_fwd_kernel<scalar_t, acc_t, false><<<grid, kThreads, 0, stream>>>(
-            src.const_data_ptr<scalar_t>(), wk.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), nullptr, a,
-            per);
+      with_flag(tc, [&](auto tc_flag) {
+        constexpr bool kTC = decltype(tc_flag)::value;
+        if (atomic)
+          conv_fwd_kernel<scalar_t, acc_t, true, kTC><<<grid, kThreads, 0, stream>>>(
+              src.const_data_ptr<scalar_t>(), wk.const_data_ptr<scalar_t>(), nullptr, y_acc.mutable_data_ptr<acc_t>(),
+              a, per);
+        else
+          conv_fwd_kernel<scalar_t, acc_t, false, kTC><<<grid, kThreads, 0, stream>>>(
+              src.const_data_ptr<scalar_t>(), wk.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), nullptr,
+              a, per);
+      });
       check_launch();
     });
   }
@@ -515,6 +616,7 @@ TtlGrads ttl_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& x_in, 
   const int64_t M = N * g.To * g.Ho * g.Wo;
   const auto acc_opts = x.options().dtype(acc_type(x.scalar_type()));
   const auto src = box_source(x, bn_weight, bn_bias, mean, var, g, eps);
+  const bool tc = use_tensor_cores(x);
   auto grad_src = at::zeros({N, g.Ts, g.Hs, g.Ws, C}, acc_opts);
   auto stream = current_stream(x.device());
   std::vector<at::Tensor> grad_weights;
@@ -532,14 +634,17 @@ TtlGrads ttl_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& x_in, 
       const dim3 grid(n_taps * ceil_div(C, kTile), ceil_div(b.c_br, kTile), ceil_div(M, m_per));
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ttl_wgrad_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        if (atomic)
-          conv_wgrad_kernel<scalar_t, acc_t, true><<<grid, kThreads, 0, stream>>>(
-              src.const_data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(), nullptr, gw.mutable_data_ptr<acc_t>(), a,
-              m_per);
-        else
-          conv_wgrad_kernel<scalar_t, acc_t, false><<<grid, kThreads, 0, stream>>>(
-              src.const_data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(), gw.mutable_data_ptr<scalar_t>(), nullptr,
-              a, m_per);
+        with_flag(tc, [&](auto tc_flag) {
+          constexpr bool kTC = decltype(tc_flag)::value;
+          if (atomic)
+            conv_wgrad_kernel<scalar_t, acc_t, true, kTC><<<grid, kThreads, 0, stream>>>(
+                src.const_data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(), nullptr, gw.mutable_data_ptr<acc_t>(), a,
+                m_per);
+          else
+            conv_wgrad_kernel<scalar_t, acc_t, false, kTC><<<grid, kThreads, 0, stream>>>(
+                src.const_data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(), gw.mutable_data_ptr<scalar_t>(),
+                nullptr, a, m_per);
+        });
         check_launch();
       });
     }
@@ -555,8 +660,10 @@ TtlGrads ttl_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& x_in, 
     const dim3 grid(ceil_div(a.M, kTile), ceil_div(C, kTile), s == 2 ? 8 : 1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ttl_dgrad_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      conv_dgrad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-          gy.const_data_ptr<scalar_t>(), wt.const_data_ptr<scalar_t>(), grad_src.mutable_data_ptr<acc_t>(), a);
+      with_flag(tc, [&](auto tc_flag) {
+        conv_dgrad_kernel<scalar_t, acc_t, decltype(tc_flag)::value><<<grid, kThreads, 0, stream>>>(
+            gy.const_data_ptr<scalar_t>(), wt.const_data_ptr<scalar_t>(), grad_src.mutable_data_ptr<acc_t>(), a);
+      });
       check_launch();
     });
   }
