@@ -5,7 +5,8 @@ Passes: ``forward`` is inference (eval mode, no grad), ``train`` a training step
 mode: batch statistics; forward + backward of every parameter); the backward alone is not run for the whole model
 (it is train minus forward). torch.compile runs the forward only, unless ``--compile-model-train``: compiling
 T3D-121's training graph takes several minutes on a 2-core CPU. Default clip 1x3x32x112x112 (``--paper``: 32x224x224);
-``--shape model:N,T,H,W`` or ``model:169:N,T,H,W`` (T3D-169) for any other.
+``--shape model:N,T,H,W``, ``model:169:N,T,H,W`` (T3D-169) or ``model:tiny:N,T,H,W`` (the tiny test
+network) for any other.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ import torch
 from benchmarks.harness import BenchConfig, Case, Contender, Skip, compiled, count_flops, fused_backends, parse_ints
 
 OP = "model"
-ARCHS = {"121": "t3d_densenet121", "169": "t3d_densenet169"}
+ARCHS = {"121": "t3d_densenet121", "169": "t3d_densenet169", "tiny": "t3d_tiny"}
 MODEL_PASSES = ("forward", "train")
 
 
 def parse_spec(spec: str) -> tuple[str, tuple[int, int, int, int]]:
-    """``"N,T,H,W"`` or ``"ARCH:N,T,H,W"`` (ARCH 121 or 169) -> (arch, (N, T, H, W))."""
+    """``"N,T,H,W"`` or ``"ARCH:N,T,H,W"`` (ARCH 121, 169 or tiny) -> (arch, (N, T, H, W))."""
     arch, _, dims = spec.rpartition(":")
     arch = arch or "121"
     if arch not in ARCHS:
-        raise ValueError(f"--shape: expected model:[121|169:]N,T,H,W (e.g. model:1,32,112,112), got model:{spec!r}")
+        raise ValueError(
+            f"--shape: expected model:[121|169|tiny:]N,T,H,W (e.g. model:1,32,112,112), got model:{spec!r}"
+        )
     clip = parse_ints(dims, "--shape model N,T,H,W")
     if len(clip) != 4:
         raise ValueError(f"--shape: expected 4 sizes N,T,H,W for the model's clip, got {dims!r}")

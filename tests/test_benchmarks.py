@@ -73,8 +73,8 @@ def test_cli_tiny_run_writes_json_csv_png(tmp_path, capsys):
 
 
 def test_cli_tiny_model_run(tmp_path):
-    # batch 2: the last stage of T3D-121 at 16x32x32 is 1x1x1, and batch norm needs 2 values per channel
-    argv = ["--shape", "model:2,16,32,32", "--repeats", "1", "--warmup", "0", "--no-compile", "--no-plot"]
+    # the tiny T3D; batch 2: its last stage at 16x32x32 is 1x1x1, and batch norm needs 2 values per channel
+    argv = ["--shape", "model:tiny:2,16,32,32", "--repeats", "1", "--warmup", "0", "--no-compile", "--no-plot"]
     assert cli.main(argv + ["--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "latest.json").read_text())["rows"]
     assert {(r["pass"], r["contender"]) for r in rows} == {
@@ -277,6 +277,7 @@ def test_ttl_cases_default_and_paper_shapes():
 def test_model_spec_parsing():
     assert bench_model.parse_spec("1,32,112,112") == ("121", (1, 32, 112, 112))
     assert bench_model.parse_spec("169:2,16,64,64") == ("169", (2, 16, 64, 64))
+    assert bench_model.parse_spec("tiny:2,16,32,32") == ("tiny", (2, 16, 32, 32))
     with pytest.raises(ValueError, match="--shape"):
         bench_model.parse_spec("1,32,112")
 
