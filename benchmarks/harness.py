@@ -636,7 +636,8 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str = "") -> Path 
         ax.set_xticks(range(len(shapes)), shapes, fontsize=6)
         ax.set_ylabel("speed-up vs eager")
         ax.set_title(f"{pass_}", fontsize=9)
-        ax.legend(fontsize=6, loc="upper left")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room for the bar labels
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
