@@ -71,12 +71,13 @@ def _python_state_to_lists(state: tuple) -> list:
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state`."""
-    torch.set_rng_state(state["torch"])
+    # a checkpoint loaded with map_location="cuda" moves these ByteTensors too; the setters need CPU tensors
+    torch.set_rng_state(state["torch"].cpu())
     np_state = state["numpy"]
     np.random.set_state(
         (
             "MT19937",
-            np_state["keys"].numpy().astype(np.uint32),
+            np_state["keys"].cpu().numpy().astype(np.uint32),
             int(np_state["pos"]),
             int(np_state["has_gauss"]),
             float(np_state["cached_gaussian"]),
@@ -85,7 +86,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((int(version), tuple(int(v) for v in internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> str:

@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(meta["model"], len(meta["classes"]), backend)
     model.load_state_dict(extract_state_dict(ckpt))
     model.to(device)
-    enabled, dtype, _ = amp_settings(args.amp, device)
+    enabled, dtype, _ = amp_settings(args.amp, device, model)
     loader = make_loader(dataset, args.batch_size, workers=args.workers)
     result = evaluate(model, loader, len(dataset.classes), device, dtype if enabled else None, progress=args.progress)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}")

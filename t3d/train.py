@@ -65,6 +65,7 @@ __all__ = [
     "make_scheduler",
     "WarmupSchedule",
     "amp_settings",
+    "fused_ops_support_autocast",
     "freeze_batchnorm",
 ]
 
@@ -193,13 +194,54 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def amp_settings(amp: str, device: torch.device) -> tuple[bool, torch.dtype | None, bool]:
-    """(autocast enabled, dtype, use GradScaler) for ``amp`` on ``device``."""
+FUSED_OPS = ("t3d::ttl", "t3d::dense_block")
+
+
+def fused_ops_support_autocast(model: nn.Module | None, device_type: str) -> bool:
+    """Whether ``model`` can run under autocast on ``device_type``: True when it has no t3d_kernels module, or when
+    every fused op it may call has an autocast rule registered (``torch.library.register_autocast``).
+
+    The fused ops check that BN parameters have the dtype of ``x``; without an autocast rule, a bf16 activation
+    meets fp32 BN weights and the op refuses it.
+    """
+    if model is None:
+        return True
+    from t3d_kernels.nn import DenseBlock3d, TemporalTransition
+
+    if not any(isinstance(m, (TemporalTransition, DenseBlock3d)) for m in model.modules()):
+        return True
+    key = "AutocastCUDA" if device_type == "cuda" else "AutocastCPU"
+    for op in FUSED_OPS:
+        try:
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key):
+                return False
+        except RuntimeError:  # op not registered on this install: modules fall back to plain PyTorch
+            continue
+    return True
+
+
+def amp_settings(
+    amp: str, device: torch.device, model: nn.Module | None = None
+) -> tuple[bool, torch.dtype | None, bool]:
+    """(autocast enabled, dtype, use GradScaler) for ``amp`` on ``device``.
+
+    "auto": bf16 on CUDA where supported (else fp16 + GradScaler), off on CPU, and off when ``model``'s fused ops
+    have no autocast rule yet (see :func:`fused_ops_support_autocast`); an explicit "bf16"/"fp16" for such a model
+    is a ValueError.
+    """
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return False, None, False
+    supported = fused_ops_support_autocast(model, device.type)
     if amp == "auto":
+        if not supported:
+            return False, None, False
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
+        if not supported:
+            raise ValueError(
+                f"--amp: {amp} autocast is not supported by this model's fused ops ({', '.join(FUSED_OPS)} have no "
+                "autocast rule registered yet); use --amp off"
+            )
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     if dtype == torch.float16 and device.type != "cuda":
         raise ValueError(f"--amp: fp16 autocast needs a CUDA device, got {device}; use bf16 or off")
@@ -253,7 +295,7 @@ class Trainer:
         self.optimizer, self.scheduler, self.loader, self.step_fn = optimizer, scheduler, loader, step_fn
         self.meta = dict(meta or {})
         self.on_epoch_end = on_epoch_end
-        self.autocast, self.amp_dtype, use_scaler = amp_settings(self.config.amp, self.device)
+        self.autocast, self.amp_dtype, use_scaler = amp_settings(self.config.amp, self.device, model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         sampler = getattr(loader, "sampler", None)
         self.sampler = sampler if hasattr(sampler, "set_epoch") else None
@@ -316,7 +358,8 @@ class Trainer:
 
     def resume(self, path: str | os.PathLike) -> None:
         """Load a checkpoint file written by :meth:`save` and continue from where it stopped."""
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        # on the CPU: RNG states must stay there; load_state_dict moves weights and optimizer state to the device
+        self.load_state_dict(load_checkpoint(path, map_location="cpu"))
 
     def save(self, name: str = "last.pt") -> str | None:
         """Write the training state atomically to ``out_dir/name`` (rank 0 only; others return None)."""
@@ -533,6 +576,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_deterministic() -> None:
+    """Deterministic kernels (cuDNN, cuBLAS, scatter ...): needed for bit-exact resume on GPUs, slower."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS initialises
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def _resolve_hflip(choice: str, data_dir: str) -> bool:
     from .data import dataset_hints
 
@@ -557,6 +608,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--resume and --init: expected at most one (resume continues a run, init starts a new one)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.deterministic:
+        set_deterministic()
     ctx = init_distributed(args.device)
     try:
         hflip = _resolve_hflip(args.hflip, args.data_dir)
@@ -713,5 +766,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-every", type=int, default=1, help="epochs between validations (and after the last)")
     p.add_argument("--val-clips", type=int, default=1, help="clips per validation video (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels (bit-exact resume on CUDA; slower)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar and no per-epoch lines")
     p.set_defaults(func=run)

@@ -25,7 +25,7 @@ from t3d.checkpoint import (
 )
 from t3d.cli import main as cli_main
 from t3d.models import t3d_tiny
-from t3d.train import TrainConfig, WarmupSchedule, amp_settings, make_optimizer
+from t3d.train import TrainConfig, WarmupSchedule, amp_settings, fused_ops_support_autocast, make_optimizer
 
 # --threads 1: this 2-core machine is shared; one thread per process is also what makes runs reproducible
 COMMON = ["--model", "t3d_tiny", "--clip", CLIP, "--batch-size", "8", "--threads", "1", "--no-progress"]
@@ -210,6 +210,11 @@ def test_schedule_and_optimizer_defaults():
     assert (group["momentum"], group["weight_decay"], group["nesterov"]) == (0.9, 1e-4, True)
     assert amp_settings("auto", torch.device("cpu")) == (False, None, False)
     assert amp_settings("bf16", torch.device("cpu")) == (True, torch.bfloat16, False)
+    assert amp_settings("bf16", torch.device("cpu"), nn.Linear(2, 2)) == (True, torch.bfloat16, False)
+    # the fused TTL / dense-block ops have no autocast rule (yet): explicit AMP is refused with a clear message
+    if not fused_ops_support_autocast(t3d_tiny(backend="reference"), "cpu"):
+        with pytest.raises(ValueError, match="--amp: bf16 autocast is not supported by this model's fused ops"):
+            amp_settings("bf16", torch.device("cpu"), t3d_tiny(backend="reference"))
     with pytest.raises(ValueError, match="--amp: fp16 autocast needs a CUDA device"):
         amp_settings("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="schedule: expected"):
