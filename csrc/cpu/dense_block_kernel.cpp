@@ -1,0 +1,579 @@
+// CPU kernels of the fused dense block (DESIGN.md 2.2; the math is in common/dense_block_math.h).
+//
+// Forward, per layer i (C_i input channels, B = bn_size*k bottleneck channels, k new channels):
+//   1. BN1-ReLU fused into the 1x1x1 conv: the positions are cut into chunks; per chunk the normalized prefix
+//      (C_i x chunk, sized to stay in L2) is written to a per-thread scratch and multiplied by W1 (MKL sgemm,
+//      single-threaded inside at::parallel_for). Nothing normalized outlives the chunk. The per-chunk statistics of
+//      the bottleneck h are taken while the chunk is hot and merged (Chan) afterwards.
+//   2. BN2-ReLU in place on h, then the 3x3x3 conv by oneDNN (at::mkldnn_convolution: ATen's heuristic sends
+//      batch-1 convs of these shapes to the ~3x slower im2col path), written into the buffer slice of the layer.
+//   3. Batch statistics of the k new channels, once; every later layer's BN1 shares them.
+// Backward, layers in reverse, accumulating dL/dy in one buffer G:
+//   1. the layer's output gradient is completed by applying the pending affine BN corrections of its channels;
+//   2. h and z2 = BN2-ReLU(h) are recomputed (step 1 of the forward without statistics);
+//   3. conv2 backward: grad input as a oneDNN conv with the flipped, transposed kernel; grad weight by
+//      at::convolution_backward (batch 1 split in two halves along T with a halo so oneDNN takes it);
+//   4. BN2 backward per channel (both passes while the channel is in cache);
+//   5. conv1 backward fused with BN1 backward, chunked like the forward: recompute the normalized chunk, grad input
+//      and grad W1 by sgemm, then one pass adds scale*gp to G and the two per-channel sums; the rest of BN1's
+//      backward is an affine correction per channel, added to the pending one (see the header).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "common/dense_block_math.h"
+#include "dense_block.h"
+
+// The BLAS that torch links (MKL in the x86 wheels) exports the Fortran sgemm_/dgemm_; ATen's own cpublas::gemm
+// is not exported. Weak references, so a torch without them still loads this module and takes at::mm instead.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace t3d {
+namespace {
+
+// Column-major C (m x n, ldc) = alpha * op(A) op(B) + beta * C, BLAS conventions; op(A) is m x k.
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, scalar_t alpha, const scalar_t* a, int64_t lda,
+          const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (sgemm_ != nullptr) return sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+  } else {
+    if (dgemm_ != nullptr) return dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+  }
+  // a column-major (r x c, ld) matrix is the transpose of a row-major (c x r) tensor with strides (ld, 1)
+  auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto col_major = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld) {
+    return at::from_blob(const_cast<scalar_t*>(p), {cols, rows}, {ld, 1}, opt).t();
+  };
+  auto op_a = trans_a ? col_major(a, k, m, lda).t() : col_major(a, m, k, lda);
+  auto op_b = trans_b ? col_major(b, n, k, ldb).t() : col_major(b, k, n, ldb);
+  auto out = col_major(c, m, n, ldc);
+  if (beta == scalar_t(0)) {
+    out.copy_(at::mm(op_a, op_b).mul_(alpha));
+  } else {
+    out.mul_(beta).add_(at::mm(op_a, op_b), alpha);
+  }
+}
+
+struct Geometry {
+  int64_t N, C0, Ctot, T, H, W, P;
+  int64_t layers;
+  std::vector<int64_t> cin, growth, bott;  // per layer: C_i, k_i, B_i
+  std::vector<int64_t> off1, off2;         // per layer: offset of its statistics in mean1/var1, mean2/var2
+  int64_t len1 = 0, len2 = 0;
+};
+
+Geometry make_geometry(const at::Tensor& x, const TensorList& conv1_weight, const TensorList& conv2_weight) {
+  Geometry g;
+  g.N = x.size(0);
+  g.C0 = x.size(1);
+  g.T = x.size(2);
+  g.H = x.size(3);
+  g.W = x.size(4);
+  g.P = g.T * g.H * g.W;
+  g.layers = static_cast<int64_t>(conv1_weight.size());
+  int64_t c = g.C0;
+  for (int64_t i = 0; i < g.layers; ++i) {
+    g.cin.push_back(c);
+    g.bott.push_back(conv1_weight[i].size(0));
+    g.growth.push_back(conv2_weight[i].size(0));
+    g.off1.push_back(g.len1);
+    g.off2.push_back(g.len2);
+    g.len1 += c;
+    g.len2 += g.bott.back();
+    c += g.growth.back();
+  }
+  g.Ctot = c;
+  return g;
+}
+
+// Positions per chunk of the fused BN-ReLU + 1x1x1 conv: the normalized chunk (cin x chunk) stays in L2, and there
+// are at least as many chunks as threads.
+int64_t chunk_positions(const Geometry& g, int64_t cin) {
+  int64_t pc = std::clamp<int64_t>((int64_t(1) << 17) / std::max<int64_t>(cin, 1), 64, 1024);
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_sample = (threads + g.N - 1) / g.N;
+  pc = std::min(pc, (g.P + per_sample - 1) / per_sample);
+  if (pc > 16) pc = (pc + 15) / 16 * 16;
+  return std::max<int64_t>(pc, 1);
+}
+
+template <typename scalar_t>
+struct Folded {
+  std::vector<scalar_t> scale, shift, invstd;
+  std::vector<double> mean;
+};
+
+template <typename scalar_t>
+Folded<scalar_t> fold(const at::Tensor& gamma, const at::Tensor& beta, const double* mean, const double* var,
+                      int64_t channels, double eps) {
+  Folded<scalar_t> f;
+  f.scale.resize(channels);
+  f.shift.resize(channels);
+  f.invstd.resize(channels);
+  f.mean.assign(mean, mean + channels);
+  auto gc = gamma.contiguous();
+  auto bc = beta.contiguous();
+  const scalar_t* gp = gc.data_ptr<scalar_t>();
+  const scalar_t* bp = bc.data_ptr<scalar_t>();
+  for (int64_t c = 0; c < channels; ++c) {
+    dense::fold_bn<scalar_t, double>(gp[c], bp[c], mean[c], var[c], eps, f.scale[c], f.shift[c], f.invstd[c]);
+  }
+  return f;
+}
+
+// Biased mean and variance of buffer channels [c_begin, c_end) over (N, P), two-pass in double per channel.
+template <typename scalar_t>
+void channel_stats(const scalar_t* y, const Geometry& g, int64_t c_begin, int64_t c_end, double* mean, double* var) {
+  at::parallel_for(c_begin, c_end, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      double sum = 0;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const scalar_t* p = y + (n * g.Ctot + c) * g.P;
+        double s = 0;
+        for (int64_t j = 0; j < g.P; ++j) s += p[j];
+        sum += s;
+      }
+      const double count = double(g.N * g.P);
+      const double m = sum / count;
+      double m2 = 0;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const scalar_t* p = y + (n * g.Ctot + c) * g.P;
+        double s = 0;
+        for (int64_t j = 0; j < g.P; ++j) {
+          const double d = double(p[j]) - m;
+          s += d * d;
+        }
+        m2 += s;
+      }
+      mean[c] = m;
+      var[c] = m2 / count;
+    }
+  });
+}
+
+// h[n, :, chunk] = W1 @ relu(y[n, :cin, chunk] * scale + shift) for every chunk; with `chunk_stats`, also each
+// chunk's (mean, M2) of every bottleneck channel, for the training statistics of BN2.
+template <typename scalar_t>
+void bn_relu_conv1x1(const scalar_t* y, const Geometry& g, int64_t cin, const Folded<scalar_t>& bn,
+                     const scalar_t* w1, int64_t bott, scalar_t* h, int64_t pc, std::vector<double>* chunk_stats) {
+  const int64_t per_sample = (g.P + pc - 1) / pc;
+  const int64_t chunks = g.N * per_sample;
+  if (chunk_stats) chunk_stats->assign(chunks * bott * 2, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> a(cin * pc);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t n = chunk / per_sample;
+      const int64_t p0 = (chunk % per_sample) * pc;
+      const int64_t len = std::min(pc, g.P - p0);
+      const scalar_t* src = y + n * g.Ctot * g.P + p0;
+      for (int64_t c = 0; c < cin; ++c) {
+        const scalar_t s = bn.scale[c], t = bn.shift[c];
+        const scalar_t* in = src + c * g.P;
+        scalar_t* out = a.data() + c * len;
+        for (int64_t j = 0; j < len; ++j) out[j] = dense::bn_relu(in[j], s, t);
+      }
+      scalar_t* hc = h + n * bott * g.P + p0;
+      // row-major h_chunk (bott x len, ld P) = W1 (bott x cin) @ a (cin x len), as column-major h^T = a^T W1^T
+      gemm<scalar_t>(false, false, len, bott, cin, scalar_t(1), a.data(), len, w1, cin, scalar_t(0), hc, g.P);
+      if (chunk_stats) {
+        double* st = chunk_stats->data() + chunk * bott * 2;
+        for (int64_t b = 0; b < bott; ++b) {
+          const scalar_t* row = hc + b * g.P;
+          double s = 0;
+          for (int64_t j = 0; j < len; ++j) s += row[j];
+          const double m = s / double(len);
+          double m2 = 0;
+          for (int64_t j = 0; j < len; ++j) {
+            const double d = double(row[j]) - m;
+            m2 += d * d;
+          }
+          st[2 * b] = m;
+          st[2 * b + 1] = m2;
+        }
+      }
+    }
+  });
+}
+
+// Merges the per-chunk statistics of bn_relu_conv1x1 (in chunk order: deterministic) into biased mean/var.
+void merge_chunk_stats(const std::vector<double>& st, const Geometry& g, int64_t bott, int64_t pc, double* mean,
+                       double* var) {
+  const int64_t per_sample = (g.P + pc - 1) / pc;
+  const int64_t chunks = g.N * per_sample;
+  for (int64_t b = 0; b < bott; ++b) {
+    double count = 0, m = 0, m2 = 0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const int64_t p0 = (chunk % per_sample) * pc;
+      const double len = double(std::min(pc, g.P - p0));
+      dense::merge_stats(count, m, m2, len, st[(chunk * bott + b) * 2], st[(chunk * bott + b) * 2 + 1]);
+    }
+    mean[b] = m;
+    var[b] = m2 / count;
+  }
+}
+
+// z = relu(h * scale + shift) over (N, B, P); in place when z == h.
+template <typename scalar_t>
+void bn_relu_apply(const scalar_t* h, scalar_t* z, const Geometry& g, int64_t bott, const Folded<scalar_t>& bn) {
+  at::parallel_for(0, g.N * bott, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row % bott;
+      const scalar_t s = bn.scale[b], t = bn.shift[b];
+      const scalar_t* in = h + row * g.P;
+      scalar_t* out = z + row * g.P;
+      for (int64_t j = 0; j < g.P; ++j) out[j] = dense::bn_relu(in[j], s, t);
+    }
+  });
+}
+
+std::vector<int64_t> same_padding(const at::Tensor& w) { return {w.size(2) / 2, w.size(3) / 2, w.size(4) / 2}; }
+
+bool use_onednn(const at::Tensor& t) { return t.scalar_type() == at::kFloat && at::hasMKLDNN(); }
+
+at::Tensor conv_same(const at::Tensor& z, const at::Tensor& w) {
+  const std::vector<int64_t> one{1, 1, 1};
+  if (use_onednn(z)) return at::mkldnn_convolution(z, w.contiguous(), {}, same_padding(w), one, one, 1);
+  return at::convolution(z, w, {}, one, same_padding(w), one, false, {0, 0, 0}, 1);
+}
+
+// ATen's own choice for the backward of a batch-1 conv of this size is its im2col path (see conv_same).
+bool aten_picks_slow_path(const at::Tensor& z) { return z.size(0) == 1 && z.size(1) * z.size(2) * z.size(3) <= 20480; }
+
+// Gradient of the weight of a 'same' conv; a batch-1 input is split along T into two overlapping halves (a halo
+// of kt/2 frames, zero beyond the clip) so the weight-gradient conv runs as batch 2 on oneDNN.
+at::Tensor conv_same_grad_weight(const at::Tensor& g, const at::Tensor& z, const at::Tensor& w) {
+  const std::vector<int64_t> one{1, 1, 1};
+  const auto pad = same_padding(w);
+  const int64_t T = z.size(2);
+  if (!use_onednn(z) || !aten_picks_slow_path(z) || T < 2) {
+    return std::get<1>(at::convolution_backward(g, z, w, c10::nullopt, one, pad, one, false, {0, 0, 0}, 1,
+                                                {false, true, false}));
+  }
+  const int64_t pt = pad[0];
+  const int64_t t1 = (T + 1) / 2, t2 = T - t1;
+  auto zp = at::constant_pad_nd(z, {0, 0, 0, 0, pt, pt + (t1 - t2)});
+  auto gp = at::constant_pad_nd(g, {0, 0, 0, 0, 0, t1 - t2});
+  auto z2 = at::cat({zp.narrow(2, 0, t1 + 2 * pt), zp.narrow(2, t1, t1 + 2 * pt)}, 0);
+  auto g2 = at::cat({gp.narrow(2, 0, t1), gp.narrow(2, t1, t1)}, 0);
+  return std::get<1>(at::convolution_backward(g2, z2, w, c10::nullopt, one, {0, pad[1], pad[2]}, one, false,
+                                              {0, 0, 0}, 1, {false, true, false}));
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& g, const at::Tensor& z, const at::Tensor& w) {
+  const std::vector<int64_t> one{1, 1, 1};
+  if (!use_onednn(z)) {
+    auto r = at::convolution_backward(g, z, w, c10::nullopt, one, same_padding(w), one, false, {0, 0, 0}, 1,
+                                      {true, true, false});
+    return {std::get<0>(r), std::get<1>(r)};
+  }
+  // the transposed 'same' conv of an odd kernel is the 'same' conv with the flipped, transposed kernel
+  auto w_t = w.flip({2, 3, 4}).transpose(0, 1).contiguous();
+  auto grad_z = at::mkldnn_convolution(g, w_t, {}, same_padding(w), one, one, 1);
+  return {grad_z, conv_same_grad_weight(g, z, w)};
+}
+
+at::Tensor to_double_cat(const TensorList& list) {
+  std::vector<at::Tensor> parts;
+  for (const auto& t : list) parts.push_back(t.detach().reshape({-1}).to(at::kDouble));
+  return at::cat(parts);
+}
+
+template <typename scalar_t>
+DenseForward forward_impl(const at::Tensor& x_in, const TensorList& bn1_weight, const TensorList& bn1_bias,
+                          const TensorList& bn1_mean, const TensorList& bn1_var, const TensorList& conv1_weight,
+                          const TensorList& bn2_weight, const TensorList& bn2_bias, const TensorList& bn2_mean,
+                          const TensorList& bn2_var, const TensorList& conv2_weight, bool training, double eps) {
+  const Geometry g = make_geometry(x_in, conv1_weight, conv2_weight);
+  auto y = at::empty({g.N, g.Ctot, g.T, g.H, g.W}, x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  y.narrow(1, 0, g.C0).copy_(x_in);
+  scalar_t* yp = y.data_ptr<scalar_t>();
+
+  auto dopt = x_in.options().dtype(at::kDouble);
+  // statistics each layer's BN uses, layer after layer (double here; returned in x's dtype)
+  at::Tensor mean1, var1, mean2, var2;
+  std::vector<double> chan_mean, chan_var;
+  if (training) {
+    mean1 = at::empty({g.len1}, dopt);
+    var1 = at::empty({g.len1}, dopt);
+    mean2 = at::empty({g.len2}, dopt);
+    var2 = at::empty({g.len2}, dopt);
+    chan_mean.resize(g.Ctot);
+    chan_var.resize(g.Ctot);
+    channel_stats(yp, g, 0, g.C0, chan_mean.data(), chan_var.data());
+  } else {
+    mean1 = to_double_cat(bn1_mean);
+    var1 = to_double_cat(bn1_var);
+    mean2 = to_double_cat(bn2_mean);
+    var2 = to_double_cat(bn2_var);
+  }
+  double* m1 = mean1.data_ptr<double>();
+  double* v1 = var1.data_ptr<double>();
+  double* m2 = mean2.data_ptr<double>();
+  double* v2 = var2.data_ptr<double>();
+
+  at::Tensor h;
+  std::vector<double> chunk_stats;
+  for (int64_t i = 0; i < g.layers; ++i) {
+    const int64_t cin = g.cin[i], bott = g.bott[i], k = g.growth[i];
+    if (training) {
+      std::copy(chan_mean.begin(), chan_mean.begin() + cin, m1 + g.off1[i]);
+      std::copy(chan_var.begin(), chan_var.begin() + cin, v1 + g.off1[i]);
+    }
+    auto bn1 = fold<scalar_t>(bn1_weight[i], bn1_bias[i], m1 + g.off1[i], v1 + g.off1[i], cin, eps);
+    if (!h.defined() || h.size(1) != bott) h = at::empty({g.N, bott, g.T, g.H, g.W}, y.options());
+    auto w1 = conv1_weight[i].contiguous();
+    const int64_t pc = chunk_positions(g, cin);
+    bn_relu_conv1x1(yp, g, cin, bn1, w1.data_ptr<scalar_t>(), bott, h.data_ptr<scalar_t>(), pc,
+                    training ? &chunk_stats : nullptr);
+    if (training) merge_chunk_stats(chunk_stats, g, bott, pc, m2 + g.off2[i], v2 + g.off2[i]);
+    auto bn2 = fold<scalar_t>(bn2_weight[i], bn2_bias[i], m2 + g.off2[i], v2 + g.off2[i], bott, eps);
+    bn_relu_apply(h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), g, bott, bn2);
+    y.narrow(1, cin, k).copy_(conv_same(h, conv2_weight[i]));
+    if (training) channel_stats(yp, g, cin, cin + k, chan_mean.data(), chan_var.data());
+  }
+  auto dt = x_in.scalar_type();
+  return {y, mean1.to(dt), var1.to(dt), mean2.to(dt), var2.to(dt)};
+}
+
+template <typename scalar_t>
+DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const at::Tensor& mean1_in,
+                         const at::Tensor& var1_in, const at::Tensor& mean2_in, const at::Tensor& var2_in,
+                         const TensorList& bn1_weight, const TensorList& bn1_bias, const TensorList& conv1_weight,
+                         const TensorList& bn2_weight, const TensorList& bn2_bias, const TensorList& conv2_weight,
+                         bool training, double eps) {
+  auto y = y_in.contiguous();
+  const int64_t L = static_cast<int64_t>(conv1_weight.size());
+  int64_t c0 = y.size(1);
+  for (const auto& w : conv2_weight) c0 -= w.size(0);
+  const Geometry g = make_geometry(y.narrow(1, 0, c0), conv1_weight, conv2_weight);
+  const scalar_t* yp = y.data_ptr<scalar_t>();
+  // dL/dy accumulated over the layers (the local part of every BN1 backward lands here)
+  auto G = at::empty_like(y);
+  G.copy_(grad_y);
+  scalar_t* gp_buf = G.data_ptr<scalar_t>();
+  // pending affine BN1-backward corrections per buffer channel: dL/dy[c] += corr_a[c] + corr_b[c] * y[c]
+  std::vector<double> corr_a(g.Ctot, 0.0), corr_b(g.Ctot, 0.0);
+
+  auto mean1 = mean1_in.to(at::kDouble).contiguous(), var1 = var1_in.to(at::kDouble).contiguous();
+  auto mean2 = mean2_in.to(at::kDouble).contiguous(), var2 = var2_in.to(at::kDouble).contiguous();
+  const double* m1 = mean1.data_ptr<double>();
+  const double* v1 = var1.data_ptr<double>();
+  const double* m2 = mean2.data_ptr<double>();
+  const double* v2 = var2.data_ptr<double>();
+  const double count = double(g.N * g.P);
+  const int64_t threads = at::get_num_threads();
+
+  TensorList g_bn1_w(L), g_bn1_b(L), g_conv1(L), g_bn2_w(L), g_bn2_b(L), g_conv2(L);
+  for (int64_t i = L - 1; i >= 0; --i) {
+    const int64_t cin = g.cin[i], bott = g.bott[i], k = g.growth[i];
+    auto opts = y.options();
+    // 1. this layer's output gradient is complete once its channels' pending corrections are applied
+    auto gout = at::empty({g.N, k, g.T, g.H, g.W}, opts);
+    {
+      scalar_t* go = gout.data_ptr<scalar_t>();
+      at::parallel_for(0, g.N * k, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t n = row / k, c = cin + row % k;
+          const scalar_t a = scalar_t(corr_a[c]), b = scalar_t(corr_b[c]);
+          const scalar_t* src = gp_buf + (n * g.Ctot + c) * g.P;
+          const scalar_t* yy = yp + (n * g.Ctot + c) * g.P;
+          scalar_t* out = go + row * g.P;
+          for (int64_t j = 0; j < g.P; ++j) out[j] = src[j] + a + b * yy[j];
+        }
+      });
+    }
+    // 2. recompute h and z2
+    auto bn1 = fold<scalar_t>(bn1_weight[i], bn1_bias[i], m1 + g.off1[i], v1 + g.off1[i], cin, eps);
+    auto bn2 = fold<scalar_t>(bn2_weight[i], bn2_bias[i], m2 + g.off2[i], v2 + g.off2[i], bott, eps);
+    auto w1 = conv1_weight[i].contiguous();
+    const scalar_t* w1p = w1.data_ptr<scalar_t>();
+    const int64_t pc = chunk_positions(g, cin);
+    auto h = at::empty({g.N, bott, g.T, g.H, g.W}, opts);
+    bn_relu_conv1x1(yp, g, cin, bn1, w1p, bott, h.data_ptr<scalar_t>(), pc, nullptr);
+    auto z2 = at::empty_like(h);
+    bn_relu_apply(h.data_ptr<scalar_t>(), z2.data_ptr<scalar_t>(), g, bott, bn2);
+    // 3. conv2 backward
+    auto [grad_z2, grad_w2] = conv_same_backward(gout, z2, conv2_weight[i]);
+    z2.reset();
+    grad_z2 = grad_z2.contiguous();
+    g_conv2[i] = grad_w2;
+    // 4. BN2 backward, in place: grad_z2 becomes dL/dh
+    std::vector<double> sum_g2(bott), sum_gx2(bott);
+    {
+      scalar_t* gz = grad_z2.data_ptr<scalar_t>();
+      const scalar_t* hp = h.data_ptr<scalar_t>();
+      at::parallel_for(0, bott, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const scalar_t s = bn2.scale[b], t = bn2.shift[b];
+          const double mu = bn2.mean[b], inv = double(bn2.invstd[b]);
+          double sg = 0, sgx = 0;
+          for (int64_t n = 0; n < g.N; ++n) {
+            const scalar_t* hh = hp + (n * bott + b) * g.P;
+            const scalar_t* gg = gz + (n * bott + b) * g.P;
+            double a1 = 0, a2 = 0;
+            for (int64_t j = 0; j < g.P; ++j) {
+              const scalar_t gpv = dense::relu_grad(gg[j], hh[j], s, t);
+              a1 += gpv;
+              a2 += double(gpv) * double(hh[j]);
+            }
+            sg += a1;
+            sgx += a2;
+          }
+          sgx = (sgx - mu * sg) * inv;  // sum gp * xhat
+          sum_g2[b] = sg;
+          sum_gx2[b] = sgx;
+          double alpha = 0, beta = 0;
+          if (training) dense::bn_backward_affine<double>(s, inv, mu, sg, sgx, count, alpha, beta);
+          const scalar_t al = scalar_t(alpha), be = scalar_t(beta);
+          for (int64_t n = 0; n < g.N; ++n) {
+            const scalar_t* hh = hp + (n * bott + b) * g.P;
+            scalar_t* gg = gz + (n * bott + b) * g.P;
+            for (int64_t j = 0; j < g.P; ++j) gg[j] = s * dense::relu_grad(gg[j], hh[j], s, t) + al + be * hh[j];
+          }
+        }
+      });
+    }
+    h.reset();
+    auto dopt = opts.dtype(at::kDouble);
+    g_bn2_w[i] = at::from_blob(sum_gx2.data(), {bott}, dopt).to(y.scalar_type(), false, /*copy=*/true);
+    g_bn2_b[i] = at::from_blob(sum_g2.data(), {bott}, dopt).to(y.scalar_type(), false, /*copy=*/true);
+    // 5. conv1 backward fused with BN1 backward
+    const scalar_t* ghp = grad_z2.data_ptr<scalar_t>();
+    std::vector<scalar_t> gw1_acc(threads * bott * cin, scalar_t(0));
+    std::vector<double> sg_acc(threads * cin, 0.0), sgx_acc(threads * cin, 0.0);
+    const int64_t per_sample = (g.P + pc - 1) / pc;
+    at::parallel_for(0, g.N * per_sample, 1, [&](int64_t begin, int64_t end) {
+      const int64_t tid = at::get_thread_num();
+      std::vector<scalar_t> a(cin * pc), ga(cin * pc);
+      scalar_t* gw1 = gw1_acc.data() + tid * bott * cin;
+      double* sg = sg_acc.data() + tid * cin;
+      double* sgx = sgx_acc.data() + tid * cin;
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t n = chunk / per_sample;
+        const int64_t p0 = (chunk % per_sample) * pc;
+        const int64_t len = std::min(pc, g.P - p0);
+        const scalar_t* src = yp + n * g.Ctot * g.P + p0;
+        for (int64_t c = 0; c < cin; ++c) {
+          const scalar_t s = bn1.scale[c], t = bn1.shift[c];
+          const scalar_t* in = src + c * g.P;
+          scalar_t* out = a.data() + c * len;
+          for (int64_t j = 0; j < len; ++j) out[j] = dense::bn_relu(in[j], s, t);
+        }
+        const scalar_t* gh = ghp + n * bott * g.P + p0;
+        // ga (cin x len) = W1^T (cin x bott) @ gh (bott x len)
+        gemm<scalar_t>(false, true, len, cin, bott, scalar_t(1), gh, g.P, w1p, cin, scalar_t(0), ga.data(), len);
+        // gW1 (bott x cin) += gh (bott x len) @ a^T (len x cin)
+        gemm<scalar_t>(true, false, cin, bott, len, scalar_t(1), a.data(), len, gh, g.P, scalar_t(1), gw1, cin);
+        scalar_t* gdst = gp_buf + n * g.Ctot * g.P + p0;
+        for (int64_t c = 0; c < cin; ++c) {
+          const scalar_t s = bn1.scale[c], t = bn1.shift[c];
+          const scalar_t* in = src + c * g.P;
+          const scalar_t* gac = ga.data() + c * len;
+          scalar_t* gd = gdst + c * g.P;
+          double a1 = 0, a2 = 0;
+          for (int64_t j = 0; j < len; ++j) {
+            const scalar_t gpv = dense::relu_grad(gac[j], in[j], s, t);
+            gd[j] += s * gpv;
+            a1 += gpv;
+            a2 += double(gpv) * double(in[j]);
+          }
+          sg[c] += a1;
+          sgx[c] += a2;
+        }
+      }
+    });
+    auto gw1_t = at::empty({bott, cin, 1, 1, 1}, opts);
+    scalar_t* gw1p = gw1_t.data_ptr<scalar_t>();
+    std::vector<double> sum_g1(cin, 0.0), sum_gx1(cin, 0.0);
+    for (int64_t e = 0; e < bott * cin; ++e) {
+      scalar_t acc = 0;
+      for (int64_t t = 0; t < threads; ++t) acc += gw1_acc[t * bott * cin + e];
+      gw1p[e] = acc;
+    }
+    for (int64_t c = 0; c < cin; ++c) {
+      double sg = 0, sx = 0;
+      for (int64_t t = 0; t < threads; ++t) {
+        sg += sg_acc[t * cin + c];
+        sx += sgx_acc[t * cin + c];
+      }
+      const double mu = bn1.mean[c], inv = double(bn1.invstd[c]);
+      sum_g1[c] = sg;
+      sum_gx1[c] = (sx - mu * sg) * inv;
+      if (training) {
+        double alpha, beta;
+        dense::bn_backward_affine<double>(bn1.scale[c], inv, mu, sg, sum_gx1[c], count, alpha, beta);
+        corr_a[c] += alpha;
+        corr_b[c] += beta;
+      }
+    }
+    g_conv1[i] = gw1_t;
+    g_bn1_w[i] = at::from_blob(sum_gx1.data(), {cin}, dopt).to(y.scalar_type(), false, /*copy=*/true);
+    g_bn1_b[i] = at::from_blob(sum_g1.data(), {cin}, dopt).to(y.scalar_type(), false, /*copy=*/true);
+  }
+  // the input's gradient: its channels' slice of G plus their pending corrections
+  auto grad_x = at::empty({g.N, g.C0, g.T, g.H, g.W}, y.options());
+  scalar_t* gx = grad_x.data_ptr<scalar_t>();
+  at::parallel_for(0, g.N * g.C0, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.C0, c = row % g.C0;
+      const scalar_t a = scalar_t(corr_a[c]), b = scalar_t(corr_b[c]);
+      const scalar_t* src = gp_buf + (n * g.Ctot + c) * g.P;
+      const scalar_t* yy = yp + (n * g.Ctot + c) * g.P;
+      scalar_t* out = gx + row * g.P;
+      for (int64_t j = 0; j < g.P; ++j) out[j] = src[j] + a + b * yy[j];
+    }
+  });
+  return {grad_x, g_bn1_w, g_bn1_b, g_conv1, g_bn2_w, g_bn2_b, g_conv2};
+}
+
+}  // namespace
+
+DenseForward dense_block_forward_cpu(const at::Tensor& x, const TensorList& bn1_weight, const TensorList& bn1_bias,
+                                     const TensorList& bn1_mean, const TensorList& bn1_var,
+                                     const TensorList& conv1_weight, const TensorList& bn2_weight,
+                                     const TensorList& bn2_bias, const TensorList& bn2_mean, const TensorList& bn2_var,
+                                     const TensorList& conv2_weight, bool training, double eps) {
+  check_dense_block_inputs(x, bn1_weight, bn1_bias, conv1_weight, bn2_weight, bn2_bias, conv2_weight);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "x: the CPU dense block kernel takes float32 or float64, got ", x.scalar_type());
+  if (!training) {
+    TORCH_CHECK(bn1_mean.size() == conv1_weight.size() && bn1_var.size() == conv1_weight.size() &&
+                    bn2_mean.size() == conv1_weight.size() && bn2_var.size() == conv1_weight.size(),
+                "running statistics: expected one tensor per layer in eval mode");
+  }
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dense_block_forward_cpu", [&] {
+    return forward_impl<scalar_t>(x, bn1_weight, bn1_bias, bn1_mean, bn1_var, conv1_weight, bn2_weight, bn2_bias,
+                                  bn2_mean, bn2_var, conv2_weight, training, eps);
+  });
+}
+
+DenseGrads dense_block_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& mean1,
+                                    const at::Tensor& var1, const at::Tensor& mean2, const at::Tensor& var2,
+                                    const TensorList& bn1_weight, const TensorList& bn1_bias,
+                                    const TensorList& conv1_weight, const TensorList& bn2_weight,
+                                    const TensorList& bn2_bias, const TensorList& conv2_weight, bool training,
+                                    double eps) {
+  TORCH_CHECK(grad_y.sizes() == y.sizes(), "grad_y: expected shape ", y.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble,
+              "y: the CPU dense block kernel takes float32 or float64, got ", y.scalar_type());
+  return AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "dense_block_backward_cpu", [&] {
+    return backward_impl<scalar_t>(grad_y, y, mean1, var1, mean2, var2, bn1_weight, bn1_bias, conv1_weight,
+                                   bn2_weight, bn2_bias, conv2_weight, training, eps);
+  });
+}
+
+}  // namespace t3d

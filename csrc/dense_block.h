@@ -1,0 +1,57 @@
+// Backend kernels of the fused dense block (DESIGN.md 2.2). Signatures mirror t3d_kernels/ops/dense_block.py.
+//
+// forward(x, per-layer BN1/conv1/BN2/conv2 parameters, training, eps) ->
+//   (y, mean1, var1, mean2, var2)
+// y: (N, C_0 + sum k_i, T, H, W), the block's output and the one buffer every layer reads its prefix from.
+// mean1/var1: (sum_i C_i,) the statistics each layer's BN1 used, layer after layer (in training the shared
+// batch statistics of the buffer channels 0..C_i-1, computed once per channel; in eval its running statistics);
+// mean2/var2: (sum_i B_i,) the same for BN2. Variances are biased (the caller converts for the running stats).
+//
+// backward(grad_y, y, mean1, var1, mean2, var2, parameters, training, eps) ->
+//   (grad_x, grad_bn1_weight[], grad_bn1_bias[], grad_conv1[], grad_bn2_weight[], grad_bn2_bias[], grad_conv2[])
+// Nothing normalized is saved: BN1-ReLU, conv1 and BN2-ReLU are recomputed from y.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <tuple>
+#include <vector>
+
+namespace t3d {
+
+using TensorList = std::vector<at::Tensor>;
+using DenseForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using DenseGrads = std::tuple<at::Tensor, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList>;
+
+void check_dense_block_inputs(const at::Tensor& x, const TensorList& bn1_weight, const TensorList& bn1_bias,
+                              const TensorList& conv1_weight, const TensorList& bn2_weight, const TensorList& bn2_bias,
+                              const TensorList& conv2_weight);
+
+DenseForward dense_block_forward_cpu(const at::Tensor& x, const TensorList& bn1_weight, const TensorList& bn1_bias,
+                                     const TensorList& bn1_mean, const TensorList& bn1_var,
+                                     const TensorList& conv1_weight, const TensorList& bn2_weight,
+                                     const TensorList& bn2_bias, const TensorList& bn2_mean, const TensorList& bn2_var,
+                                     const TensorList& conv2_weight, bool training, double eps);
+DenseGrads dense_block_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& mean1,
+                                    const at::Tensor& var1, const at::Tensor& mean2, const at::Tensor& var2,
+                                    const TensorList& bn1_weight, const TensorList& bn1_bias,
+                                    const TensorList& conv1_weight, const TensorList& bn2_weight,
+                                    const TensorList& bn2_bias, const TensorList& conv2_weight, bool training,
+                                    double eps);
+
+#ifdef WITH_CUDA
+DenseForward dense_block_forward_cuda(const at::Tensor& x, const TensorList& bn1_weight, const TensorList& bn1_bias,
+                                      const TensorList& bn1_mean, const TensorList& bn1_var,
+                                      const TensorList& conv1_weight, const TensorList& bn2_weight,
+                                      const TensorList& bn2_bias, const TensorList& bn2_mean,
+                                      const TensorList& bn2_var, const TensorList& conv2_weight, bool training,
+                                      double eps);
+DenseGrads dense_block_backward_cuda(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& mean1,
+                                     const at::Tensor& var1, const at::Tensor& mean2, const at::Tensor& var2,
+                                     const TensorList& bn1_weight, const TensorList& bn1_bias,
+                                     const TensorList& conv1_weight, const TensorList& bn2_weight,
+                                     const TensorList& bn2_bias, const TensorList& conv2_weight, bool training,
+                                     double eps);
+#endif
+
+}  // namespace t3d

@@ -1,0 +1,375 @@
+"""Triton kernels of the fused dense block (DESIGN.md 2.2); the orchestration is the op's own algorithm
+(:func:`t3d_kernels.ops.dense_block.algorithm_forward` / ``algorithm_backward``) with these kernels plugged in.
+
+- ``_channel_stats_kernel``: batch mean and M2 of a channel (two passes over the channel in the program), once per
+  channel when it is written (buffer channels) or per layer (bottleneck).
+- ``_bn_relu_conv1x1_kernel``: h = W1 @ relu(x * scale + shift), BN-ReLU applied to the x tile as it is loaded for
+  ``tl.dot``: nothing normalized is written. x is the prefix of the shared buffer, read in place.
+- ``_bn_relu_kernel``: z2 = relu(h * scale + shift) for cuDNN's 3x3x3 conv (forward and its backward are cuDNN's).
+- ``_bn_relu_bwd_sums_kernel`` / ``_bn_relu_bwd_apply_kernel``: BN2-ReLU backward (two per-channel sums, then the
+  elementwise formula; the ReLU mask is recomputed from h).
+- ``_conv1x1_dgrad_kernel``: dL/dz = W1^T @ dL/dh with the BN1-ReLU backward's local part in the epilogue: the ReLU
+  mask recomputed from x, ``grad_prefix += scale * gp`` (each element owned by one program: no atomics), and
+  per-program partial sums of gp and gp * x (reduced in float64 by the caller: deterministic).
+- ``_conv1x1_wgrad_kernel``: dL/dW1 = dL/dh @ relu(x * scale + shift)^T, normalizing x on load again.
+
+fp32 GEMMs use IEEE fp32 (``input_precision="ieee"``), as PyTorch's default matmul does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.dense_block import CompositeKernels, algorithm_backward, algorithm_forward
+
+__all__ = ["forward", "backward", "TritonKernels"]
+
+_BLOCK_P = 64
+_BLOCK_M = 32  # output-channel tile of the GEMMs
+_BLOCK_K = 32  # reduction tile of the GEMMs
+_BLOCK_STATS = 256
+
+
+@triton.jit
+def _channel_stats_kernel(x_ptr, mean_ptr, m2_ptr, N, P, stride_n, stride_c, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for n in range(0, N):
+        base = x_ptr + n * stride_n + c * stride_c
+        for p0 in range(0, P, BLOCK):
+            v = tl.load(base + p0 + offs, mask=p0 + offs < P, other=0.0)
+            acc += v.to(tl.float32)
+    count = N * P
+    mean = tl.sum(acc, axis=0) / count
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for n in range(0, N):
+        base = x_ptr + n * stride_n + c * stride_c
+        for p0 in range(0, P, BLOCK):
+            m = p0 + offs < P
+            d = tl.where(m, tl.load(base + p0 + offs, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
+            acc2 += d * d
+    tl.store(mean_ptr + c, mean)
+    tl.store(m2_ptr + c, tl.sum(acc2, axis=0))
+
+
+@triton.jit
+def _bn_relu_conv1x1_kernel(
+    x_ptr,
+    scale_ptr,
+    shift_ptr,
+    w_ptr,
+    out_ptr,
+    C,
+    B,
+    P,
+    stride_xn,
+    stride_xc,
+    stride_on,
+    stride_oc,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid_p, pid_b, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_b = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_K):
+        offs_c = c0 + tl.arange(0, BLOCK_K)
+        mc = offs_c < C
+        w = tl.load(w_ptr + offs_b[:, None] * C + offs_c[None, :], mask=(offs_b[:, None] < B) & mc[None, :], other=0.0)
+        m = mc[:, None] & (offs_p[None, :] < P)
+        x = tl.load(x_ptr + n * stride_xn + offs_c[:, None] * stride_xc + offs_p[None, :], mask=m, other=0.0)
+        s = tl.load(scale_ptr + offs_c, mask=mc, other=0.0)
+        t = tl.load(shift_ptr + offs_c, mask=mc, other=0.0)
+        z = tl.where(m, tl.maximum(x * s[:, None] + t[:, None], 0.0), 0.0)
+        acc += tl.dot(w.to(tl.float32), z.to(tl.float32), input_precision="ieee")
+    mask = (offs_b[:, None] < B) & (offs_p[None, :] < P)
+    ptrs = out_ptr + n * stride_on + offs_b[:, None] * stride_oc + offs_p[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_relu_kernel(h_ptr, scale_ptr, shift_ptr, out_ptr, C, P, BLOCK: tl.constexpr):
+    row = tl.program_id(1)  # n * C + c
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < P
+    c = row % C
+    s = tl.load(scale_ptr + c)
+    t = tl.load(shift_ptr + c)
+    v = tl.load(h_ptr + row * P + offs, mask=m, other=0.0)
+    tl.store(out_ptr + row * P + offs, tl.maximum(v * s + t, 0.0), mask=m)
+
+
+@triton.jit
+def _bn_relu_bwd_sums_kernel(g_ptr, h_ptr, scale_ptr, shift_ptr, sg_ptr, sgh_ptr, N, C, P, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    s = tl.load(scale_ptr + c)
+    t = tl.load(shift_ptr + c)
+    offs = tl.arange(0, BLOCK)
+    a1 = tl.zeros([BLOCK], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for n in range(0, N):
+        base = (n * C + c) * P
+        for p0 in range(0, P, BLOCK):
+            m = p0 + offs < P
+            h = tl.load(h_ptr + base + p0 + offs, mask=m, other=0.0)
+            g = tl.load(g_ptr + base + p0 + offs, mask=m, other=0.0)
+            gp = tl.where(m & (h * s + t > 0), g, 0.0)
+            a1 += gp
+            a2 += gp * h
+    tl.store(sg_ptr + c, tl.sum(a1, axis=0))
+    tl.store(sgh_ptr + c, tl.sum(a2, axis=0))
+
+
+@triton.jit
+def _bn_relu_bwd_apply_kernel(
+    g_ptr, h_ptr, scale_ptr, shift_ptr, alpha_ptr, beta_ptr, out_ptr, C, P, BLOCK: tl.constexpr
+):
+    row = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < P
+    c = row % C
+    s = tl.load(scale_ptr + c)
+    t = tl.load(shift_ptr + c)
+    a = tl.load(alpha_ptr + c)
+    b = tl.load(beta_ptr + c)
+    h = tl.load(h_ptr + row * P + offs, mask=m, other=0.0)
+    g = tl.load(g_ptr + row * P + offs, mask=m, other=0.0)
+    gp = tl.where(h * s + t > 0, g, 0.0)
+    tl.store(out_ptr + row * P + offs, s * gp + a + b * h, mask=m)
+
+
+@triton.jit
+def _conv1x1_dgrad_kernel(
+    gh_ptr,
+    w_ptr,
+    x_ptr,
+    scale_ptr,
+    shift_ptr,
+    gx_ptr,
+    psum_ptr,
+    C,
+    B,
+    P,
+    stride_gn,
+    stride_xn,
+    stride_xc,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid_p, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_c = pid_c * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mc = offs_c < C
+    mp = offs_p < P
+    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_K):
+        offs_b = b0 + tl.arange(0, BLOCK_K)
+        mb = offs_b < B
+        # W1^T tile: (BLOCK_M channels, BLOCK_K bottleneck)
+        wt = tl.load(w_ptr + offs_b[None, :] * C + offs_c[:, None], mask=mc[:, None] & mb[None, :], other=0.0)
+        gh = tl.load(
+            gh_ptr + n * stride_gn + offs_b[:, None] * P + offs_p[None, :], mask=mb[:, None] & mp[None, :], other=0.0
+        )
+        acc += tl.dot(wt.to(tl.float32), gh.to(tl.float32), input_precision="ieee")
+    m = mc[:, None] & mp[None, :]
+    x = tl.load(x_ptr + n * stride_xn + offs_c[:, None] * stride_xc + offs_p[None, :], mask=m, other=0.0)
+    s = tl.load(scale_ptr + offs_c, mask=mc, other=0.0)
+    t = tl.load(shift_ptr + offs_c, mask=mc, other=0.0)
+    gp = tl.where(m & (x * s[:, None] + t[:, None] > 0), acc, 0.0)
+    gx_ptrs = gx_ptr + n * stride_xn + offs_c[:, None] * stride_xc + offs_p[None, :]
+    prev = tl.load(gx_ptrs, mask=m, other=0.0)
+    tl.store(gx_ptrs, (prev + s[:, None] * gp).to(gx_ptr.dtype.element_ty), mask=m)
+    # partial sums of this program: row (n, pid_p), channels offs_c; [sum gp, sum gp * x]
+    prog = n * tl.num_programs(0) + pid_p
+    tl.store(psum_ptr + (prog * 2) * C + offs_c, tl.sum(gp, axis=1), mask=mc)
+    tl.store(psum_ptr + (prog * 2 + 1) * C + offs_c, tl.sum(gp * x, axis=1), mask=mc)
+
+
+@triton.jit
+def _conv1x1_wgrad_kernel(
+    gh_ptr,
+    x_ptr,
+    scale_ptr,
+    shift_ptr,
+    out_ptr,
+    N,
+    C,
+    B,
+    P,
+    stride_gn,
+    stride_xn,
+    stride_xc,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    pid_b, pid_c = tl.program_id(0), tl.program_id(1)
+    offs_b = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
+    mb = offs_b < B
+    mc = offs_c < C
+    s = tl.load(scale_ptr + offs_c, mask=mc, other=0.0)
+    t = tl.load(shift_ptr + offs_c, mask=mc, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for n in range(0, N):
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            mp = offs_p < P
+            gh = tl.load(
+                gh_ptr + n * stride_gn + offs_b[:, None] * P + offs_p[None, :],
+                mask=mb[:, None] & mp[None, :],
+                other=0.0,
+            )
+            m = mp[:, None] & mc[None, :]
+            x = tl.load(x_ptr + n * stride_xn + offs_c[None, :] * stride_xc + offs_p[:, None], mask=m, other=0.0)
+            z = tl.where(m, tl.maximum(x * s[None, :] + t[None, :], 0.0), 0.0)
+            acc += tl.dot(gh.to(tl.float32), z.to(tl.float32), input_precision="ieee")
+    tl.store(out_ptr + offs_b[:, None] * C + offs_c[None, :], acc, mask=mb[:, None] & mc[None, :])
+
+
+def _flat(v: torch.Tensor) -> tuple[int, int, int]:
+    """(P, stride over N, stride over C) of a (N, C, T, H, W) view whose (T, H, W) block is contiguous."""
+    p = v.shape[2] * v.shape[3] * v.shape[4]
+    if v.stride(4) != 1 or v.stride(3) != v.shape[4] or v.stride(2) != v.shape[3] * v.shape[4]:
+        raise ValueError(f"expected a view with contiguous (T, H, W), got strides {v.stride()}")
+    return p, v.stride(0), v.stride(1)
+
+
+class TritonKernels(CompositeKernels):
+    """The per-piece kernels of the fused algorithm in Triton; the 3x3x3 conv stays cuDNN's (inherited)."""
+
+    @staticmethod
+    def channel_stats(v):
+        n, c = v.shape[:2]
+        p, sn, sc = _flat(v)
+        mean = torch.empty(c, device=v.device, dtype=torch.float32)
+        m2 = torch.empty_like(mean)
+        _channel_stats_kernel[(c,)](v, mean, m2, n, p, sn, sc, BLOCK=_BLOCK_STATS)
+        return mean.double(), m2.double() / (n * p)
+
+    @staticmethod
+    def bn_relu_conv1x1(prefix, scale, shift, w1):
+        n, c = prefix.shape[:2]
+        b = w1.shape[0]
+        p, sn, sc = _flat(prefix)
+        out = prefix.new_empty(n, b, *prefix.shape[2:])
+        grid = (triton.cdiv(p, _BLOCK_P), triton.cdiv(b, _BLOCK_M), n)
+        _bn_relu_conv1x1_kernel[grid](
+            prefix,
+            scale.contiguous(),
+            shift.contiguous(),
+            w1.contiguous(),
+            out,
+            c,
+            b,
+            p,
+            sn,
+            sc,
+            b * p,
+            p,
+            BLOCK_M=_BLOCK_M,
+            BLOCK_K=_BLOCK_K,
+            BLOCK_P=_BLOCK_P,
+        )
+        return out
+
+    @staticmethod
+    def bn_relu(h, scale, shift):
+        n, c = h.shape[:2]
+        p = h.numel() // (n * c)
+        out = torch.empty_like(h)
+        _bn_relu_kernel[(triton.cdiv(p, _BLOCK_STATS), n * c)](
+            h, scale.contiguous(), shift.contiguous(), out, c, p, BLOCK=_BLOCK_STATS
+        )
+        return out
+
+    @staticmethod
+    def bn_relu_backward(grad_z, h, scale, shift, mean, invstd, training):
+        from ..ops.dense_block import _affine_correction
+
+        grad_z = grad_z.contiguous()
+        n, c = h.shape[:2]
+        p = h.numel() // (n * c)
+        sg = torch.empty(c, device=h.device, dtype=torch.float32)
+        sgh = torch.empty_like(sg)
+        scale, shift = scale.contiguous(), shift.contiguous()
+        _bn_relu_bwd_sums_kernel[(c,)](grad_z, h, scale, shift, sg, sgh, n, c, p, BLOCK=_BLOCK_STATS)
+        sum_g = sg.double()
+        sum_gx = (sgh.double() - mean * sum_g) * invstd
+        if training:
+            alpha, beta = _affine_correction(scale, invstd, mean, sum_g, sum_gx, n * p)
+        else:
+            alpha = beta = torch.zeros_like(sum_g)
+        out = torch.empty_like(h)
+        _bn_relu_bwd_apply_kernel[(triton.cdiv(p, _BLOCK_STATS), n * c)](
+            grad_z, h, scale, shift, alpha.to(h.dtype), beta.to(h.dtype), out, c, p, BLOCK=_BLOCK_STATS
+        )
+        return out, sum_gx.to(h.dtype), sum_g.to(h.dtype)
+
+    @staticmethod
+    def conv1x1_bn_relu_backward(grad_h, prefix, scale, shift, mean, invstd, w1, grad_prefix):
+        grad_h = grad_h.contiguous()
+        n, c = prefix.shape[:2]
+        b = w1.shape[0]
+        p, sn, sc = _flat(prefix)
+        if grad_prefix.stride() != prefix.stride():
+            raise ValueError("grad_prefix: expected the layout of prefix")
+        scale, shift, w1 = scale.contiguous(), shift.contiguous(), w1.contiguous()
+        blocks_p = triton.cdiv(p, _BLOCK_P)
+        psum = torch.zeros(n * blocks_p, 2, c, device=prefix.device, dtype=torch.float32)
+        _conv1x1_dgrad_kernel[(blocks_p, triton.cdiv(c, _BLOCK_M), n)](
+            grad_h,
+            w1,
+            prefix,
+            scale,
+            shift,
+            grad_prefix,
+            psum,
+            c,
+            b,
+            p,
+            b * p,
+            sn,
+            sc,
+            BLOCK_M=_BLOCK_M,
+            BLOCK_K=_BLOCK_K,
+            BLOCK_P=_BLOCK_P,
+        )
+        sums = psum.double().sum(0)
+        sum_g = sums[0]
+        sum_gx = (sums[1] - mean * sum_g) * invstd
+        grad_w1 = torch.empty(b, c, device=prefix.device, dtype=torch.float32)
+        _conv1x1_wgrad_kernel[(triton.cdiv(b, _BLOCK_M), triton.cdiv(c, _BLOCK_K))](
+            grad_h,
+            prefix,
+            scale,
+            shift,
+            grad_w1,
+            n,
+            c,
+            b,
+            p,
+            b * p,
+            sn,
+            sc,
+            BLOCK_M=_BLOCK_M,
+            BLOCK_K=_BLOCK_K,
+            BLOCK_P=_BLOCK_P,
+        )
+        return grad_w1.to(prefix.dtype), sum_g, sum_gx
+
+
+def forward(*args):
+    """Same arguments and results as the op's forward (see ``t3d_kernels.ops.dense_block``)."""
+    return algorithm_forward(TritonKernels, *args)
+
+
+def backward(*args):
+    """Same arguments and results as the op's backward."""
+    return algorithm_backward(TritonKernels, *args)
