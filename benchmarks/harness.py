@@ -415,6 +415,12 @@ def pass_runner(contender: Contender, pass_: str, grad_out: dict[str, torch.Tens
     return None, (lambda: backward(_first(fn(True))))
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters)."""
+    message = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {message}"
+
+
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if out.shape != ref.shape:
         return float("inf")
@@ -442,11 +448,11 @@ def run_cases(
         try:
             # the baseline runs first in every pass: the others' errors are measured against its output
             contenders = sorted(case.build(), key=lambda c: c.kind != "baseline")
-        except Skip as exc:
-            for pass_ in cfg.passes:
-                rows.append(_row(case, pass_, None, cfg, f"skipped: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - a case that cannot be built must not stop the suite
+            status = f"skipped: {exc}" if isinstance(exc, Skip) else f"error: {_describe(exc)}"
+            rows.extend(_row(case, pass_, None, cfg, status) for pass_ in cfg.passes)
             if progress:
-                progress(f"{case.op} {case.label}: skipped ({exc})")
+                progress(f"{case.op} {case.label}: {status}")
             continue
         m, k, n = case.roof_gemm
         roof_key = f"{m}x{k}x{n}"
@@ -487,7 +493,7 @@ def run_cases(
                     row["status"] = f"skipped: {exc}"
                     timing = None
                 except Exception as exc:  # noqa: BLE001 - one broken contender must not stop the suite
-                    row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                    row["status"] = f"error: {_describe(exc)}"
                     timing = None
                 if timing is not None:
                     row.update(
@@ -570,6 +576,9 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
+        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        info["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
     return info
 
 
@@ -691,7 +700,7 @@ def print_table(rows: list[dict[str, Any]], console: Any = None) -> None:
             speed,
             _fmt(r["gflops"], ".0f"),
             _fmt(r["pct_roof"], ".0f"),
-            _fmt(r["saved_mb"], ".1f"),
+            _fmt(r["saved_mb"], ".3g"),
         ]
         cells += [_fmt(r["peak_mb"], ".1f")] if with_peak else []
         cells += [_fmt(r["max_rel_err"], ".0e")]

@@ -209,6 +209,9 @@ def test_failing_and_skipped_contenders_get_status_rows():
     skipped_case = Case(op="toy", label="u", flops=1.0, build=lambda: (_ for _ in ()).throw(Skip("no kernel")))
     rows = run_cases([skipped_case], cfg)
     assert [r["status"] for r in rows] == ["skipped: no kernel"] * 2
+    broken_case = Case(op="toy", label="v", flops=1.0, build=lambda: (_ for _ in ()).throw(MemoryError("big")))
+    rows = run_cases([broken_case], cfg)
+    assert [r["status"] for r in rows] == ["error: MemoryError: big"] * 2
 
 
 def test_time_callable_counts_calls_and_respects_the_budget():
