@@ -4,6 +4,7 @@
 
 namespace t3d {
 void init_ttl(pybind11::module& m);
+void init_dense_block(pybind11::module& m);
 }  // namespace t3d
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -16,4 +17,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   });
   t3d::init_ttl(m);
+  t3d::init_dense_block(m);
 }

@@ -58,6 +58,15 @@ register("ttl", "composite", lambda: True, _any_device)
 register("ttl", "cpu", lambda: _ext.load() is not None and hasattr(_ext.load(), "ttl_forward"), lambda d: d.type == "cpu")
 register("ttl", "cuda", _ext.has_cuda_kernels, lambda d: d.type == "cuda")
 register("ttl", "triton", _triton_available, _triton_runs_on)
+register("dense_block", "composite", lambda: True, _any_device)
+register(
+    "dense_block",
+    "cpu",
+    lambda: _ext.load() is not None and hasattr(_ext.load(), "dense_block_forward"),
+    lambda d: d.type == "cpu",
+)
+register("dense_block", "cuda", _ext.has_cuda_kernels, lambda d: d.type == "cuda")
+register("dense_block", "triton", _triton_available, _triton_runs_on)
 
 
 def backends(op: str = "ttl") -> list[str]:

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from . import reference
-from .backends import _REGISTRY, BackendError
+from .backends import _REGISTRY, BackendError, resolve
+from .ops.dense_block import dense_block
 from .ops.ttl import ttl
 
 __all__ = ["TemporalTransition", "DenseLayer3d", "DenseBlock3d", "fuse", "split_channels"]
@@ -187,10 +188,26 @@ class DenseBlock3d(_BackendModule):
         return [m for m in self.children() if isinstance(m, DenseLayer3d)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = [x]
-        for layer in self.layers():
-            features.append(layer(torch.cat(features, 1)))
-        return torch.cat(features, 1)
+        if resolve("dense_block", self.backend, x.device) == "reference":
+            features = [x]
+            for layer in self.layers():
+                features.append(layer(torch.cat(features, 1)))
+            return torch.cat(features, 1)
+        layers = self.layers()
+        if self.training:
+            for layer in layers:
+                for bn in (layer.norm1, layer.norm2):
+                    if bn.num_batches_tracked is not None:
+                        bn.num_batches_tracked.add_(1)
+        first = layers[0].norm1
+        return dense_block(
+            x,
+            [(_bn_args(m.norm1), m.conv1.weight, _bn_args(m.norm2), m.conv2.weight) for m in layers],
+            training=self.training,
+            momentum=first.momentum,
+            eps=first.eps,
+            backend=self.backend,
+        )
 
 
 def fuse(model: nn.Module, backend: str = "auto") -> nn.Module:

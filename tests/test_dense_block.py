@@ -316,7 +316,7 @@ def test_bad_input_errors():
     x, spec = _functional_args(dtype=torch.float32)
     with pytest.raises(ValueError, match=r"x: expected a 5-D tensor"):
         dense_block(x[0], spec, backend="composite")
-    with pytest.raises(ValueError, match=r"layers\[1\]\.conv1_weight: expected shape \(4, 5, 1, 1, 1\)"):
+    with pytest.raises(ValueError, match=r"layers\[1\]\.conv1_weight: expected shape \(B, 5, 1, 1, 1\)"):
         bad = list(spec)
         bad[1] = (spec[1][0], spec[1][1][:, :4], spec[1][2], spec[1][3])
         dense_block(x, bad, backend="composite")
@@ -334,7 +334,7 @@ def test_bad_input_errors():
     with pytest.raises(BackendError, match=r"backend: expected 'auto' or one of"):
         DenseBlock3d(1, 3, 2, 2, backend="nope")
     block = DenseBlock3d(1, 3, 2, 2, backend="composite")
-    with pytest.raises(ValueError, match=r"layers\[0\]\.conv1_weight: expected shape \(4, 5, 1, 1, 1\)"):
+    with pytest.raises(ValueError, match=r"layers\[0\]\.conv1_weight: expected shape \(B, 5, 1, 1, 1\)"):
         block(torch.randn(1, 5, 2, 2, 2))
 
 
