@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median and IQR over them)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (compiling) call")
     p.add_argument(
-        "--time-budget", type=float, default=6.0, help="seconds per row: slow rows use fewer repeats (never below 3)"
+        "--time-budget", type=float, default=3.0, help="seconds per row: slow rows use fewer repeats (never below 3)"
     )
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument(

@@ -130,7 +130,7 @@ class BenchConfig:
     backends: tuple[str, ...] | None = None  # fused backends to run (None: every available one for the device)
     compile: bool = True  # include torch.compile contenders
     compile_model_train: bool = False  # also compile whole models' training graph (minutes on a small CPU)
-    time_budget_s: float = 6.0  # per row: fewer repeats (>= 3) when one iteration is slow
+    time_budget_s: float = 3.0  # per row: fewer repeats (>= 3) when one iteration is slow
     check: bool = True  # compare each contender's forward output with the baseline's (max_rel_err)
     seed: int = 0
 
