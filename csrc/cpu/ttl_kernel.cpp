@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/ttl_math.h"
@@ -32,38 +33,11 @@ namespace {
 #define T3D_INLINE inline __attribute__((always_inline))
 
 template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-template <typename T>
-using vec_t = typename VecOf<T>::type;
-template <typename T>
-constexpr int kLanes = 64 / sizeof(T);
+constexpr int kLanes = 64 / sizeof(T);  // one 64-byte vector (an AVX-512 register) of T
 
-template <typename T>
-T3D_INLINE vec_t<T> vload(const T* p) {
-  vec_t<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-T3D_INLINE void vstore(T* p, vec_t<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-template <typename T>
-T3D_INLINE vec_t<T> vbcast(T s) {
-  // s - (+0) == s for every s (also -0), so this folds to a plain broadcast; `{} + s` would not
-  return s - vec_t<T>{};
-}
 
 // register tile: MR rows x NV vectors
-constexpr int MR = 8;
+constexpr int MR = 8;  // must match kAvxMR/kAvxNV of cpu/ttl_tiles_avx512.h
 constexpr int NV = 3;
 
 struct Branch {
@@ -204,158 +178,115 @@ void build_source(const at::Tensor& x, const T* scale, const T* shift, const Pro
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// 2. forward implicit GEMM
+// tile kernels (the hot loops). Generic versions for any ISA and float64; AVX-512 intrinsics for float32
+// (cpu/ttl_tiles_avx512.h), picked at run time.
 // ---------------------------------------------------------------------------------------------------------
 
-// acc[MR rows][NV*L] (+)= sum_{taps j} sum_{c in [c0, c0+cb)} src[rows[r] + tap_off[j] + c] * wp_j[c][.]
+// forward: acc[r][k] (+)= sum_{taps j} sum_{c in [c0, c0+cb)} src[rows[r] + tap_off[j] + c] * wtap[j][c][k]
 template <typename T>
-T3D_INLINE void fwd_tile(const T* src, const int64_t* rows, const int64_t* tap_off, int ntaps, int64_t c0,
-                         int64_t cb, const T* const* wtap, T* acc, int64_t ld, int mr_valid, bool first) {
-  constexpr int L = kLanes<T>;
-  vec_t<T> a[MR][NV];
-#pragma GCC unroll 8
+void fwd_tile_generic(const T* src, const int64_t* rows, const int64_t* tap_off, int ntaps, int64_t c0, int64_t cb,
+                      const T* const* wtap, T* acc, int64_t ld, int mr_valid, bool first) {
+  constexpr int NR = NV * kLanes<T>;
+  T a[MR][NR];
   for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) a[r][v] = (first || r >= mr_valid) ? vec_t<T>{} : vload(acc + r * ld + v * L);
+    for (int k = 0; k < NR; ++k) a[r][k] = (first || r >= mr_valid) ? T(0) : acc[r * ld + k];
   for (int j = 0; j < ntaps; ++j) {
-    const T* p[MR];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) p[r] = src + rows[r] + tap_off[j] + c0;
-    const T* w = wtap[j] + c0 * NV * L;
-    for (int64_t c = 0; c < cb; ++c) {
-      vec_t<T> b[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) b[v] = vload(w + v * L);
-      w += NV * L;
-#pragma GCC unroll 8
+    const T* w = wtap[j] + c0 * NR;
+    for (int64_t c = 0; c < cb; ++c, w += NR)
       for (int r = 0; r < MR; ++r) {
-        const vec_t<T> s = vbcast(p[r][c]);
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) a[r][v] += s * b[v];
+        const T s = src[rows[r] + tap_off[j] + c0 + c];
+        for (int k = 0; k < NR; ++k) a[r][k] += s * w[k];
       }
-    }
   }
   for (int r = 0; r < mr_valid; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vstore(acc + r * ld + v * L, a[r][v]);
+    for (int k = 0; k < NR; ++k) acc[r * ld + k] = a[r][k];
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// 3. weight gradient
-// ---------------------------------------------------------------------------------------------------------
-
-// acc[r = input channel c0+r][o lanes] = sum_p src[rows[p] + off + c0 + r] * gy[p*ldg + o]
+// weight gradient: acc[r][k] += sum_p src[rows[p] + off + r] * gy[p*ldg + k]   (r: input channel, k: output channel)
 template <typename T>
-T3D_INLINE void wgrad_tile(const T* src, const int64_t* rows, int64_t np, int64_t off, const T* gy, int64_t ldg,
-                           T* acc) {
-  constexpr int L = kLanes<T>;
-  vec_t<T> a[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) a[r][v] = vload(acc + (r * NV + v) * L);
+void wgrad_tile_generic(const T* src, const int64_t* rows, int64_t np, int64_t off, const T* gy, int64_t ldg, T* acc) {
+  constexpr int NR = NV * kLanes<T>;
   for (int64_t p = 0; p < np; ++p) {
     const T* ps = src + rows[p] + off;
     const T* pg = gy + p * ldg;
-    vec_t<T> b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = vload(pg + v * L);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const vec_t<T> s = vbcast(ps[r]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) a[r][v] += s * b[v];
-    }
+    for (int r = 0; r < MR; ++r)
+      for (int k = 0; k < NR; ++k) acc[r * NR + k] += ps[r] * pg[k];
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vstore(acc + (r * NV + v) * L, a[r][v]);
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// 4. gradient of the source tensor (transposed strided conv, gather form)
-// ---------------------------------------------------------------------------------------------------------
-
-// acc[r][c lanes] = sum over (tap j, o) of gy[rows_j[r] + o] * wt_j[o][c lanes]
+// source gradient: acc[r][k] += sum over (tap j, o) of tap_rows[j][r][o] * wt[j][o][k]   (k: input channel)
 template <typename T>
-T3D_INLINE void dgrad_tile(const T* const* tap_rows /* [ntaps][MR] */, const T* const* wt /* [ntaps] */, int ntaps,
-                           int64_t cout, T* acc) {
-  constexpr int L = kLanes<T>;
-  vec_t<T> a[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) a[r][v] = vload(acc + (r * NV + v) * L);
+void dgrad_tile_generic(const T* const* tap_rows, const T* const* wt, int ntaps, int64_t cout, T* acc) {
+  constexpr int NR = NV * kLanes<T>;
   for (int j = 0; j < ntaps; ++j) {
     const T* const* p = tap_rows + j * MR;
     const T* w = wt[j];
-    for (int64_t o = 0; o < cout; ++o) {
-      vec_t<T> b[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) b[v] = vload(w + v * L);
-      w += NV * L;
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const vec_t<T> s = vbcast(p[r][o]);
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) a[r][v] += s * b[v];
-      }
-    }
+    for (int64_t o = 0; o < cout; ++o, w += NR)
+      for (int r = 0; r < MR; ++r)
+        for (int k = 0; k < NR; ++k) acc[r * NR + k] += p[r][o] * w[k];
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vstore(acc + (r * NV + v) * L, a[r][v]);
 }
 
-// The tile kernels above are the hot loops: compile them once per ISA level and pick at load time (ifunc),
-// so one binary runs everywhere and uses AVX-512 where the CPU has it.
-#define T3D_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define T3D_TILE_VARIANTS(T, SUFFIX)                                                                              \
-  T3D_CLONES void fwd_tile_##SUFFIX(const T* src, const int64_t* rows, const int64_t* tap_off, int ntaps,           \
-                                    int64_t c0, int64_t cb, const T* const* wtap, T* acc, int64_t ld, int mr_valid, \
-                                    bool first) {                                                                   \
-    fwd_tile<T>(src, rows, tap_off, ntaps, c0, cb, wtap, acc, ld, mr_valid, first);                                 \
-  }                                                                                                                 \
-  T3D_CLONES void wgrad_tile_##SUFFIX(const T* src, const int64_t* rows, int64_t np, int64_t off, const T* gy,      \
-                                      int64_t ldg, T* acc) {                                                        \
-    wgrad_tile<T>(src, rows, np, off, gy, ldg, acc);                                                                \
-  }                                                                                                                 \
-  T3D_CLONES void dgrad_tile_##SUFFIX(const T* const* tap_rows, const T* const* wt, int ntaps, int64_t cout,        \
-                                      T* acc) {                                                                     \
-    dgrad_tile<T>(tap_rows, wt, ntaps, cout, acc);                                                                  \
-  }
-T3D_TILE_VARIANTS(float, f32)
-T3D_TILE_VARIANTS(double, f64)
+}  // namespace
+}  // namespace t3d
 
+#include "cpu/ttl_tiles_avx512.h"
+
+namespace t3d {
+namespace {
+
+inline bool use_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  return yes;
+}
 template <typename T>
-struct Tiles;
-template <>
-struct Tiles<float> {
-  static constexpr auto fwd = fwd_tile_f32;
-  static constexpr auto wgrad = wgrad_tile_f32;
-  static constexpr auto dgrad = dgrad_tile_f32;
-};
-template <>
-struct Tiles<double> {
-  static constexpr auto fwd = fwd_tile_f64;
-  static constexpr auto wgrad = wgrad_tile_f64;
-  static constexpr auto dgrad = dgrad_tile_f64;
-};
+T3D_INLINE void fwd_tile_mv(const T* src, const int64_t* rows, const int64_t* tap_off, int ntaps, int64_t c0,
+                            int64_t cb, const T* const* wtap, T* acc, int64_t ld, int mr_valid, bool first) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx512()) return fwd_tile_avx512(src, rows, tap_off, ntaps, c0, cb, wtap, acc, ld, mr_valid, first);
+  }
+  fwd_tile_generic<T>(src, rows, tap_off, ntaps, c0, cb, wtap, acc, ld, mr_valid, first);
+}
+template <typename T>
+T3D_INLINE void wgrad_tile_mv(const T* src, const int64_t* rows, int64_t np, int64_t off, const T* gy, int64_t ldg,
+                              T* acc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx512()) return wgrad_tile_avx512(src, rows, np, off, gy, ldg, acc);
+  }
+  wgrad_tile_generic<T>(src, rows, np, off, gy, ldg, acc);
+}
+template <typename T>
+T3D_INLINE void dgrad_tile_mv(const T* const* tap_rows, const T* const* wt, int ntaps, int64_t cout, T* acc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx512()) return dgrad_tile_avx512(tap_rows, wt, ntaps, cout, acc);
+  }
+  dgrad_tile_generic<T>(tap_rows, wt, ntaps, cout, acc);
+}
+
 
 // packed forward weights of a branch: [nblock][tap][c][NR], zero beyond cout
 template <typename T>
 at::Tensor pack_forward_weights(const at::Tensor& w, const Branch& b, int64_t C) {
-  constexpr int64_t NR = NV * kLanes<T>;
-  const int64_t taps = b.depth * b.kh * b.kw;
-  auto packed = at::zeros({b.nblocks, taps, C, NR}, w.options());
+  constexpr int64_t NR = NV * kLanes<T>, CT = 16;
+  const int64_t taps = b.depth * b.kh * b.kw, nct = (C + CT - 1) / CT;
+  auto packed = at::empty({b.nblocks, taps, C, NR}, w.options());
   const T* pw = w.data_ptr<T>();
   T* out = packed.data_ptr<T>();
-  for (int64_t o = 0; o < b.cout; ++o)
-    for (int64_t c = 0; c < C; ++c)
+  // tiles of (output block, 16 input channels): the tile's source rows (NR x 16 x taps) stay in L2 while the
+  // packed rows are written contiguously (a loop in source order writes a page apart and thrashes the TLB)
+  at::parallel_for(0, b.nblocks * nct, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nb = t / nct, c0 = (t % nct) * CT, cn = std::min(CT, C - c0);
+      const int64_t on = std::min(NR, b.cout - nb * NR);
+      const T* tile = pw + (nb * NR * C + c0) * taps;  // rows o of the tile are C*taps apart
       for (int64_t j = 0; j < taps; ++j)
-        out[(((o / NR) * taps + j) * C + c) * NR + o % NR] = pw[(o * C + c) * taps + j];
+        for (int64_t c = 0; c < cn; ++c) {
+          T* dst = out + ((nb * taps + j) * C + c0 + c) * NR;  // written contiguously
+          for (int64_t oo = 0; oo < on; ++oo) dst[oo] = tile[oo * C * taps + c * taps + j];
+          for (int64_t oo = on; oo < NR; ++oo) dst[oo] = T(0);
+        }
+    }
+  });
   return packed;
 }
 
@@ -410,7 +341,7 @@ void conv_forward(const T* src, const Problem& pb, const std::vector<at::Tensor>
               const int mr_valid = (int)std::min<int64_t>(MR, M - p0);
               for (int r = 0; r < MR; ++r)
                 tile_rows[r] = (rows[p0 + std::min(r, mr_valid - 1)] + b.origin_row) * C;
-              Tiles<T>::fwd(src, tile_rows, tap_off.data() + dt * sp, (int)sp, c0, cb, wtap.data(), acc_nb + p0 * ld, ld,
+              fwd_tile_mv(src, tile_rows, tap_off.data() + dt * sp, (int)sp, c0, cb, wtap.data(), acc_nb + p0 * ld, ld,
                           mr_valid, first);
             }
             first = false;
@@ -435,15 +366,24 @@ void conv_forward(const T* src, const Problem& pb, const std::vector<at::Tensor>
 // packed transposed weights of a branch: [cblock][tap][o][NR over input channels], zero beyond C
 template <typename T>
 at::Tensor pack_transposed_weights(const at::Tensor& w, const Branch& b, int64_t C) {
-  constexpr int64_t NR = NV * kLanes<T>;
-  const int64_t taps = b.depth * b.kh * b.kw, ncb = (C + NR - 1) / NR;
-  auto packed = at::zeros({ncb, taps, b.cout, NR}, w.options());
+  constexpr int64_t NR = NV * kLanes<T>, OT = 16;
+  const int64_t taps = b.depth * b.kh * b.kw, ncb = (C + NR - 1) / NR, not_ = (b.cout + OT - 1) / OT;
+  auto packed = at::empty({ncb, taps, b.cout, NR}, w.options());
   const T* pw = w.data_ptr<T>();
   T* out = packed.data_ptr<T>();
-  for (int64_t o = 0; o < b.cout; ++o)
-    for (int64_t c = 0; c < C; ++c)
+  at::parallel_for(0, ncb * not_, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t cb = t / not_, o0 = (t % not_) * OT, on = std::min(OT, b.cout - o0);
+      const int64_t cn = std::min(NR, C - cb * NR);
       for (int64_t j = 0; j < taps; ++j)
-        out[(((c / NR) * taps + j) * b.cout + o) * NR + c % NR] = pw[(o * C + c) * taps + j];
+        for (int64_t o = o0; o < o0 + on; ++o) {
+          T* dst = out + ((cb * taps + j) * b.cout + o) * NR;
+          const T* row = pw + (o * C + cb * NR) * taps + j;
+          for (int64_t cc = 0; cc < cn; ++cc) dst[cc] = row[cc * taps];
+          for (int64_t cc = cn; cc < NR; ++cc) dst[cc] = T(0);
+        }
+    }
+  });
   return packed;
 }
 
@@ -526,7 +466,7 @@ void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vect
             }
           }
         }
-        if (!wt.empty()) Tiles<T>::dgrad(tap_rows.data(), wt.data(), (int)wt.size(), b.cout, a);
+        if (!wt.empty()) dgrad_tile_mv(tap_rows.data(), wt.data(), (int)wt.size(), b.cout, a);
       }
       const int64_t c0 = cbi * NR, cvalid = std::min<int64_t>(NR, C - c0);
       for (int r = 0; r < tile.count; ++r) {
@@ -735,14 +675,14 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
           const int64_t off = ((dt * g.Hs + dh) * g.Ws + dw) * pb.C + c0;
           alignas(64) T a[MR * NR] = {};
           if (cvalid == MR) {
-            Tiles<T>::wgrad(srcp, rows_c.data(), M, off, gy_cl.data() + b.y_off + nb * NR, ldg, a);
+            wgrad_tile_mv(srcp, rows_c.data(), M, off, gy_cl.data() + b.y_off + nb * NR, ldg, a);
           } else {  // channel tail: read through a padded copy of the rows' last channels
             std::vector<T> tail(M * MR, T(0));
             for (int64_t p = 0; p < M; ++p)
               for (int64_t r = 0; r < cvalid; ++r) tail[p * MR + r] = srcp[rows_c[p] + off + r];
             std::vector<int64_t> trow(M);
             for (int64_t p = 0; p < M; ++p) trow[p] = p * MR;
-            Tiles<T>::wgrad(tail.data(), trow.data(), M, 0, gy_cl.data() + b.y_off + nb * NR, ldg, a);
+            wgrad_tile_mv(tail.data(), trow.data(), M, 0, gy_cl.data() + b.y_off + nb * NR, ldg, a);
           }
           for (int r = 0; r < cvalid; ++r)
             for (int64_t oo = 0; oo < NR && nb * NR + oo < b.cout; ++oo)

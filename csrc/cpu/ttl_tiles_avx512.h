@@ -1,0 +1,93 @@
+// AVX-512 tile kernels of the CPU TTL (float32). Same contracts and packed layouts as the generic kernels in
+// ttl_kernel.cpp: an MR x (NV*16) register tile, 24 zmm accumulators, one broadcast per row and NV vector loads
+// per reduction step. Compiled with a target attribute so the rest of the extension stays baseline x86-64;
+// called only when the CPU reports AVX-512F.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace t3d {
+namespace {
+
+constexpr int kAvxMR = 8;
+constexpr int kAvxNV = 3;
+
+#define T3D_AVX512 __attribute__((target("avx512f,fma")))
+#define T3D_UNROLL _Pragma("GCC unroll 8")
+
+T3D_AVX512 void fwd_tile_avx512(const float* src, const int64_t* rows, const int64_t* tap_off, int ntaps, int64_t c0,
+                                int64_t cb, const float* const* wtap, float* acc, int64_t ld, int mr_valid,
+                                bool first) {
+  constexpr int NR = kAvxNV * 16;
+  __m512 a[kAvxMR][kAvxNV];
+  T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) T3D_UNROLL for (int v = 0; v < kAvxNV; ++v) a[r][v] =
+      (first || r >= mr_valid) ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + r * ld + v * 16);
+  for (int j = 0; j < ntaps; ++j) {
+    const float* p[kAvxMR];
+    T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) p[r] = src + rows[r] + tap_off[j] + c0;
+    const float* w = wtap[j] + c0 * NR;
+    for (int64_t c = 0; c < cb; ++c, w += NR) {
+      const __m512 b0 = _mm512_loadu_ps(w), b1 = _mm512_loadu_ps(w + 16), b2 = _mm512_loadu_ps(w + 32);
+      T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) {
+        const __m512 s = _mm512_set1_ps(p[r][c]);
+        a[r][0] = _mm512_fmadd_ps(s, b0, a[r][0]);
+        a[r][1] = _mm512_fmadd_ps(s, b1, a[r][1]);
+        a[r][2] = _mm512_fmadd_ps(s, b2, a[r][2]);
+      }
+    }
+  }
+  for (int r = 0; r < mr_valid; ++r)
+    T3D_UNROLL for (int v = 0; v < kAvxNV; ++v) _mm512_storeu_ps(acc + r * ld + v * 16, a[r][v]);
+}
+
+T3D_AVX512 void wgrad_tile_avx512(const float* src, const int64_t* rows, int64_t np, int64_t off, const float* gy,
+                                  int64_t ldg, float* acc) {
+  constexpr int NR = kAvxNV * 16;
+  __m512 a[kAvxMR][kAvxNV];
+  T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) T3D_UNROLL for (int v = 0; v < kAvxNV; ++v) a[r][v] =
+      _mm512_loadu_ps(acc + r * NR + v * 16);
+  for (int64_t p = 0; p < np; ++p) {
+    const float* ps = src + rows[p] + off;
+    const float* pg = gy + p * ldg;
+    const __m512 b0 = _mm512_loadu_ps(pg), b1 = _mm512_loadu_ps(pg + 16), b2 = _mm512_loadu_ps(pg + 32);
+    T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) {
+      const __m512 s = _mm512_set1_ps(ps[r]);
+      a[r][0] = _mm512_fmadd_ps(s, b0, a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(s, b1, a[r][1]);
+      a[r][2] = _mm512_fmadd_ps(s, b2, a[r][2]);
+    }
+  }
+  T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) T3D_UNROLL for (int v = 0; v < kAvxNV; ++v)
+      _mm512_storeu_ps(acc + r * NR + v * 16, a[r][v]);
+}
+
+T3D_AVX512 void dgrad_tile_avx512(const float* const* tap_rows, const float* const* wt, int ntaps, int64_t cout,
+                                  float* acc) {
+  constexpr int NR = kAvxNV * 16;
+  __m512 a[kAvxMR][kAvxNV];
+  T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) T3D_UNROLL for (int v = 0; v < kAvxNV; ++v) a[r][v] =
+      _mm512_loadu_ps(acc + r * NR + v * 16);
+  for (int j = 0; j < ntaps; ++j) {
+    const float* const* p = tap_rows + j * kAvxMR;
+    const float* w = wt[j];
+    for (int64_t o = 0; o < cout; ++o, w += NR) {
+      const __m512 b0 = _mm512_loadu_ps(w), b1 = _mm512_loadu_ps(w + 16), b2 = _mm512_loadu_ps(w + 32);
+      T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) {
+        const __m512 s = _mm512_set1_ps(p[r][o]);
+        a[r][0] = _mm512_fmadd_ps(s, b0, a[r][0]);
+        a[r][1] = _mm512_fmadd_ps(s, b1, a[r][1]);
+        a[r][2] = _mm512_fmadd_ps(s, b2, a[r][2]);
+      }
+    }
+  }
+  T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) T3D_UNROLL for (int v = 0; v < kAvxNV; ++v)
+      _mm512_storeu_ps(acc + r * NR + v * 16, a[r][v]);
+}
+
+#undef T3D_UNROLL
+#undef T3D_AVX512
+
+}  // namespace
+}  // namespace t3d
