@@ -6,8 +6,8 @@ the pool-first algebra in plain PyTorch ops; all in one run, same inputs.
 Shapes: the T3D-121 TTLs at the 32x112x112 clip (batch 1 and 4); ``--paper`` adds the 32x224x224 clip.
 Modes: ``fwd`` (eval, no grad), ``bwd`` (training, backward alone through a retained graph), ``train``
 (training forward + backward). Timing: CUDA events, warm-up, median and IQR of repeats; once as called from
-Python (at these sizes mostly launch and Python overhead on a GPU) and once replaying a CUDA graph of the same
-call (GPU time alone, what a captured or compiled training step pays). GFLOP/s counts the
+Python (at these sizes mostly launch and Python overhead on a GPU) and once as the sum of the call's kernel times
+from the profiler (GPU time alone, what a CUDA-graph-captured training step would pay). GFLOP/s counts the
 pool-first FLOPs (what the fused op computes; the eager reference performs 8x more), backward 2x forward.
 fp32 runs use whatever ``torch.backends.cudnn.allow_tf32`` says (PyTorch's default: TF32 convs); the fused
 kernels follow the same flag, so the comparison is like for like.
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._functorch.config
 
 from t3d_kernels import backends, reference
 from t3d_kernels.ops.ttl import ttl as fused_ttl
@@ -74,18 +75,19 @@ def time_cuda(fn, warmup: int = 5, repeats: int = 30) -> tuple[float, float]:
     return statistics.median(times), q[2] - q[0]
 
 
-def time_graph(fn, repeats: int = 30) -> tuple[float, float]:
-    """Median and IQR in ms of replaying ``fn`` captured as a CUDA graph: GPU time without Python/launch overhead."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
+def gpu_time(fn, iters: int = 5) -> float:
+    """Kernel time in ms per call of ``fn``, summed over its CUDA kernels by the profiler: GPU time without the
+    Python/launch gaps between kernels (what a CUDA-graph-captured or compiled step would pay)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
             fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_cuda(graph.replay, warmup=3, repeats=repeats)
+        torch.cuda.synchronize()
+    total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
+    return total_us / 1000.0 / iters
 
 
 def contenders(use_compile: bool) -> dict:
@@ -111,7 +113,7 @@ def contenders(use_compile: bool) -> dict:
     return table
 
 
-def time_contender(fn, x, bn, stats, ws, repeats: int, graphs: bool) -> dict:
+def time_contender(fn, x, bn, stats, ws, repeats: int, gpu: bool) -> dict:
     """fwd / bwd / train timings (ms) of one contender on one set of inputs."""
     row = {}
     inputs = [x, *bn, *ws]
@@ -135,13 +137,13 @@ def time_contender(fn, x, bn, stats, ws, repeats: int, graphs: bool) -> dict:
     torch.cuda.reset_peak_memory_stats()
     row["train_ms"], row["train_iqr"] = time_cuda(train_step, repeats=repeats)
     row["train_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    if graphs:
-        row["graph_fwd_ms"], _ = time_graph(fwd_nograd, repeats)
-        row["graph_train_ms"], _ = time_graph(train_step, repeats)
+    if gpu:
+        row["gpu_fwd_ms"] = gpu_time(fwd_nograd)
+        row["gpu_train_ms"] = gpu_time(train_step)
     return row
 
 
-def bench_shape(label, shape, depths, c_out, batch, dtype, table, repeats, graphs):
+def bench_shape(label, shape, depths, c_out, batch, dtype, table, repeats, gpu):
     c_in, t, h, w = shape
     x, bn, stats, ws = make_inputs(c_in, t, h, w, batch, depths, c_out, dtype, "cuda")
     x.requires_grad_()
@@ -150,30 +152,32 @@ def bench_shape(label, shape, depths, c_out, batch, dtype, table, repeats, graph
     for name, fn in table.items():
         row = {"shape": label, "batch": batch, "contender": name, "gflop": flops / 1e9}
         try:
-            row.update(time_contender(fn, x, bn, stats, ws, repeats, graphs))
+            row.update(time_contender(fn, x, bn, stats, ws, repeats, gpu))
         except Exception as exc:  # a contender that fails is reported, not fatal to the others
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        print(f"  {label} N={batch} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("_ms")))
+        print(f"    {row['error']}" if "error" in row else "", end="")
         rows.append(row)
     return rows
 
 
-def print_graph_rows(rows):
+def print_gpu_rows(rows):
     base = {(r["shape"], r["batch"]): r for r in rows if r["contender"] == "cudnn (eager)"}
-    print("\nGPU time by CUDA-graph replay (no Python or launch overhead):")
+    print("\nGPU kernel time by the profiler (no Python or launch overhead):")
     print(
         f"{'shape':6s} {'N':>2s} {'contender':24s} {'fwd ms':>8s} {'x cudnn':>7s} {'TFLOP/s':>7s} {'train ms':>8s} "
         f"{'x cudnn':>7s} {'TFLOP/s':>7s}"
     )
     for r in rows:
-        if "graph_fwd_ms" not in r:
+        if "gpu_fwd_ms" not in r:
             continue
         b = base.get((r["shape"], r["batch"]), {})
-        rf = b.get("graph_fwd_ms", float("nan")) / r["graph_fwd_ms"]
-        rt = b.get("graph_train_ms", float("nan")) / r["graph_train_ms"]
+        rf = b.get("gpu_fwd_ms", float("nan")) / r["gpu_fwd_ms"]
+        rt = b.get("gpu_train_ms", float("nan")) / r["gpu_train_ms"]
         print(
-            f"{r['shape']:6s} {r['batch']:2d} {r['contender']:24s} {r['graph_fwd_ms']:8.3f} {rf:7.2f} "
-            f"{r['gflop'] / r['graph_fwd_ms']:7.1f} {r['graph_train_ms']:8.3f} {rt:7.2f} "
-            f"{3 * r['gflop'] / r['graph_train_ms']:7.1f}"
+            f"{r['shape']:6s} {r['batch']:2d} {r['contender']:24s} {r['gpu_fwd_ms']:8.3f} {rf:7.2f} "
+            f"{r['gflop'] / r['gpu_fwd_ms']:7.1f} {r['gpu_train_ms']:8.3f} {rt:7.2f} "
+            f"{3 * r['gflop'] / r['gpu_train_ms']:7.1f}"
         )
 
 
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--only", default="", help="comma-separated shape labels to run (e.g. TTL1,TTL1@224)")
     parser.add_argument("--json", default="benchmarks/results/ttl_gpu.json")
-    parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (GPU time) measurements")
+    parser.add_argument("--no-gpu-time", action="store_true", help="skip the profiler (GPU kernel time) measurements")
     parser.add_argument("--profile", action="store_true", help="print per-kernel GPU times of the fused backends")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -257,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = []
     for label, shape, depths, c_out, batch in shapes:
-        rows += bench_shape(label, shape, depths, c_out, batch, dtype, table, args.repeats, not args.no_graphs)
+        rows += bench_shape(label, shape, depths, c_out, batch, dtype, table, args.repeats, not args.no_gpu_time)
     print_rows(rows)
-    print_graph_rows(rows)
+    print_gpu_rows(rows)
     if args.profile:
         profile_fused(table, dtype)
     out = Path(args.json)
