@@ -679,6 +679,7 @@ def print_table(rows: list[dict[str, Any]], console: Any = None) -> None:
     for name in columns:
         table.add_column(name, justify="left" if name in ("case", "pass", "contender") else "right")
     previous = None
+    notes: list[str] = []  # the full status of every row that did not run, printed under the table
     for r in rows:
         key = (r["op"], r["shape"], r["pass"])
         if previous is not None and key != previous:
@@ -686,9 +687,9 @@ def print_table(rows: list[dict[str, Any]], console: Any = None) -> None:
         previous = key
         case = f"{r['op']} {r['shape']}" if r["shape"] != "-" else r["op"]
         if r["status"] != "ok":
-            table.add_row(
-                escape(case), r["pass"], escape(r["contender"] or "-"), f"[yellow]{escape(r['status'][:60])}[/]"
-            )
+            notes.append(f"[{len(notes) + 1}] {case} {r['pass']} {r['contender'] or ''}: {r['status']}")
+            kind = r["status"].split(":", 1)[0]
+            table.add_row(escape(case), r["pass"], escape(r["contender"] or "-"), f"[yellow]{kind} [{len(notes)}][/]")
             continue
         speed = "base" if r["kind"] == "baseline" else _fmt(r["speedup"], ".2f") + "x"
         cells = [
@@ -706,3 +707,5 @@ def print_table(rows: list[dict[str, Any]], console: Any = None) -> None:
         cells += [_fmt(r["max_rel_err"], ".0e")]
         table.add_row(*(escape(c) for c in cells))
     console.print(table)
+    for note in notes:
+        console.print(note, style="yellow", markup=False, highlight=False)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 
 import pytest
 import torch
+from rich.console import Console
 
 import benchmarks.__main__ as cli
 from benchmarks import bench_model, bench_ttl
@@ -19,6 +21,7 @@ from benchmarks.harness import (
     Timing,
     check_fail_if_slower,
     count_flops,
+    print_table,
     run_cases,
     saved_tensor_bytes,
     time_callable,
@@ -206,6 +209,10 @@ def test_failing_and_skipped_contenders_get_status_rows():
     assert by["forward", "broken"]["status"] == "error: RuntimeError: kernel exploded"
     assert by["train", "skip"]["status"] == "skipped: not on this device"
     assert by["train", "eager"]["status"] == "ok" and by["train", "eager"]["speedup"] == 1.0
+    console = Console(file=io.StringIO(), width=200)
+    print_table(rows, console)
+    text = console.file.getvalue()
+    assert "error [1]" in text and "[1] toy t forward broken: error: RuntimeError: kernel exploded" in text
     skipped_case = Case(op="toy", label="u", flops=1.0, build=lambda: (_ for _ in ()).throw(Skip("no kernel")))
     rows = run_cases([skipped_case], cfg)
     assert [r["status"] for r in rows] == ["skipped: no kernel"] * 2
