@@ -111,7 +111,13 @@ __device__ __forceinline__ void simt_step(const acc_t* a, int lda, const acc_t* 
 
 template <typename acc_t, bool kTC>
 struct Mma {
+#if T3D_TENSOR_CORES
   static constexpr bool kTensor = kTC && std::is_same<acc_t, float>::value;
+#else
+  // code for an architecture without TF32 MMA (e.g. PTX of an older target JIT-compiled on a newer GPU, where the
+  // host chose tensor cores): the CUDA cores, never an empty product
+  static constexpr bool kTensor = false;
+#endif
   TensorCoreTile tile;
   __device__ void zero() {
     if constexpr (kTensor) tile.zero();
