@@ -2,7 +2,8 @@
 
 The checks run in a subprocess with ``TRITON_INTERPRET=1`` set before triton is imported (Triton kernels then
 run on the CPU), so this module never changes how other tests see triton. With a CUDA device the same checks
-also run on it, compiled, plus fp16/bf16. Run directly: ``python tests/test_ttl_triton.py [--device cuda]``.
+also run on it, compiled, plus fp16/bf16, and again through the CUDA C++ backend. Run directly:
+``python tests/test_ttl_triton.py [--device cuda [--backend cuda]]``.
 
 Tolerance (STYLE.md): the error of the kernel against the float64 reference may be at most twice the error of
 PyTorch's own float32 computation of the same thing (the reference and the pool-first composite, whichever is
@@ -141,6 +142,19 @@ def test_triton_ttl_matches_reference_interpreted():
 def test_triton_ttl_matches_reference_cuda():
     pytest.importorskip("triton")
     proc = _run_subprocess({"TRITON_INTERPRET": "0"}, ["--device", "cuda"])
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernels_match_reference():
+    """The same cases through the CUDA C++ backend (csrc/cuda/ttl_kernel.cu): fp32 on CUDA cores, fp16/bf16 on
+    tensor cores."""
+    from t3d_kernels import backends
+
+    if "cuda" not in backends("ttl"):
+        pytest.skip("t3d_kernels._C was built without the CUDA kernels")
+    proc = _run_subprocess({"TRITON_INTERPRET": "0"}, ["--device", "cuda", "--backend", "cuda"])
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
 
 
