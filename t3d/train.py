@@ -54,7 +54,7 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .distributed import DistContext, all_reduce_sum, unwrap, wrap_ddp
+from .distributed import DistContext, all_reduce_sum, barrier, unwrap, wrap_ddp
 
 __all__ = [
     "TrainConfig",
@@ -670,6 +670,9 @@ def run(args: argparse.Namespace) -> int:
                 f"device {ctx.device}), {trainer.steps_per_epoch} steps/epoch, hflip {hflip}"
             )
         history = trainer.fit()
+        # every rank waits for rank 0's last checkpoint before the process group goes away (a rank tearing gloo
+        # down while its peer is still in a collective aborts the peer)
+        barrier(ctx)
         if ctx.is_main and history:
             last = history[-1]
             print(f"done: step {trainer.step}, last epoch loss {last['loss']:.4f}; checkpoint {args.out}/last.pt")
