@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-compile", dest="compile", action="store_false", help="leave out torch.compile contenders")
     p.add_argument(
+        "--compile-batches",
+        type=lambda s: "all" if s == "all" else tuple(int(v) for v in _csv_list(s, "--compile-batches")),
+        default=None,
+        help="batch sizes whose shapes get torch.compile contenders ('all': every shape; default: 1 for the default "
+        "shapes, all for --shape); compiling is the slow part of the suite",
+    )
+    p.add_argument(
         "--compile-model-train",
         action="store_true",
         help="torch.compile the whole model's training step too (minutes of compiling on a small CPU)",
@@ -139,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _compile_batches(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """``--compile-batches``: None (every shape) for "all", and by default when shapes are given explicitly."""
+    if args.compile_batches is None:
+        return None if args.shape else (1,)
+    return None if args.compile_batches == "all" else args.compile_batches
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.repeats < 1:
         raise ValueError(f"--repeats: expected an integer >= 1, got {args.repeats}")
@@ -156,6 +170,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         backends=tuple(args.backends) if args.backends else None,
         compile=args.compile,
         compile_model_train=args.compile_model_train,
+        compile_batches=_compile_batches(args),
         time_budget_s=args.time_budget,
         check=args.check,
     )

@@ -39,6 +39,7 @@ def _config(config: pytest.Config) -> BenchConfig:
         batches=tuple(int(b) for b in config.getoption("--t3d-batches").split(",") if b),
         paper=config.getoption("--t3d-paper"),
         compile=not config.getoption("--t3d-no-compile"),
+        compile_batches=None,
     )
 
 

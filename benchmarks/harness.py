@@ -130,6 +130,8 @@ class BenchConfig:
     backends: tuple[str, ...] | None = None  # fused backends to run (None: every available one for the device)
     compile: bool = True  # include torch.compile contenders
     compile_model_train: bool = False  # also compile whole models' training graph (minutes on a small CPU)
+    # batch sizes whose cases keep their "compile" contenders (None: all); compiling is the slow part of the suite
+    compile_batches: tuple[int, ...] | None = (1,)
     time_budget_s: float = 3.0  # per row: fewer repeats (>= 3) when one iteration is slow
     check: bool = True  # compare each contender's forward output with the baseline's (max_rel_err)
     seed: int = 0
@@ -176,7 +178,8 @@ class Case:
     flops: forward FLOPs of the *reference* (multiply-add = 2), used for every contender's GFLOP/s.
     build: () -> list[Contender], called when the case runs; may raise :class:`Skip`.
     roof_gemm: (M, K, N) of the sgemm measured as this case's roof (a GEMM of similar size).
-    info: extra fields recorded in the JSON (the shape's parameters).
+    info: extra fields recorded in the JSON (the shape's parameters). Its "batch", or else the first size of its
+        "input" (or "clip"), is the case's batch size: "compile" contenders run only for ``cfg.compile_batches``.
     """
 
     op: str
@@ -185,6 +188,14 @@ class Case:
     build: Callable[[], list[Contender]]
     roof_gemm: tuple[int, int, int] = (2048, 2048, 256)
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        """The batch size: ``info["batch"]``, else the first size of ``info["input"]`` or ``info["clip"]``."""
+        if "batch" in self.info:
+            return int(self.info["batch"])
+        sizes = self.info.get("input") or self.info.get("clip") or [1]
+        return int(sizes[0])
 
 
 @dataclass
@@ -448,6 +459,8 @@ def run_cases(
         try:
             # the baseline runs first in every pass: the others' errors are measured against its output
             contenders = sorted(case.build(), key=lambda c: c.kind != "baseline")
+            if cfg.compile_batches is not None and case.batch not in cfg.compile_batches:
+                contenders = [c for c in contenders if c.kind != "compile"]
         except Exception as exc:  # noqa: BLE001 - a case that cannot be built must not stop the suite
             status = f"skipped: {exc}" if isinstance(exc, Skip) else f"error: {_describe(exc)}"
             rows.extend(_row(case, pass_, None, cfg, status) for pass_ in cfg.passes)

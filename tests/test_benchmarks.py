@@ -284,6 +284,23 @@ def test_ttl_cases_default_and_paper_shapes():
     assert any(k == "fused" for k in kinds.values())
 
 
+def test_compile_contenders_only_for_compile_batches():
+    def case(batch):
+        build = lambda: [  # noqa: E731
+            Contender("eager", lambda training: torch.ones(2), kind="baseline"),
+            Contender("compile", lambda training: torch.ones(2), kind="compile"),
+        ]
+        return Case(
+            op="toy", label=f"b{batch}", flops=1.0, build=build, roof_gemm=(8, 8, 8), info={"input": [batch, 3]}
+        )
+
+    cfg = BenchConfig(passes=("forward",), repeats=1, warmup=0, compile_batches=(1,))
+    rows = run_cases([case(1), case(4)], cfg)
+    assert [(r["shape"], r["contender"]) for r in rows] == [("b1", "eager"), ("b1", "compile"), ("b4", "eager")]
+    cfg.compile_batches = None
+    assert len(run_cases([case(4)], cfg)) == 2
+
+
 def test_model_spec_parsing():
     assert bench_model.parse_spec("1,32,112,112") == ("121", (1, 32, 112, 112))
     assert bench_model.parse_spec("169:2,16,64,64") == ("169", (2, 16, 64, 64))
