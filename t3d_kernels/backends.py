@@ -41,7 +41,7 @@ def _triton_runs_on(device: torch.device) -> bool:
 # op -> backend -> (is it built?, can it run on this device?)
 _REGISTRY: dict[str, dict[str, tuple[Callable[[], bool], Callable[[torch.device], bool]]]] = {}
 # preference order for "auto", per device type
-_AUTO_ORDER = {"cpu": ("cpu", "composite", "reference"), "cuda": ("cuda", "triton", "composite", "reference")}
+_AUTO_ORDER = {"cpu": ("cpu", "composite", "reference"), "cuda": ("triton", "cuda", "composite", "reference")}
 
 
 def register(op: str, name: str, built: Callable[[], bool], runs_on: Callable[[torch.device], bool]) -> None:
