@@ -32,10 +32,12 @@ from benchmarks.harness import (
     Skip,
     check_fail_if_slower,
     machine_info,
+    markdown_table,
     print_table,
     run_cases,
     write_csv,
     write_json,
+    write_markdown,
     write_plot,
 )
 
@@ -135,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="run nothing: print the table of an earlier result (and apply --fail-if-slower to it)",
+    )
+    p.add_argument(
+        "--markdown", action="store_true", help="with --from-json: print the result as a Markdown table instead"
     )
     p.add_argument(
         "--fail-if-slower",
@@ -241,13 +246,16 @@ def _console() -> Any:
 def replay(args: argparse.Namespace) -> int:
     """``--from-json``: the table of an earlier run, and the ``--fail-if-slower`` verdict on it."""
     try:
-        rows = json.loads(Path(args.from_json).read_text())["rows"]
+        data = json.loads(Path(args.from_json).read_text())
+        rows = data["rows"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(
             f"--from-json: expected a t3d-bench JSON result, got {str(args.from_json)!r} ({exc})"
         ) from None
     console = _console()
-    if not args.no_table:
+    if args.markdown:
+        print(markdown_table(rows, data.get("meta")), end="")
+    elif not args.no_table:
         print_table(rows, console)
     return fail_if_slower(rows, args.fail_if_slower, console)
 
@@ -304,7 +312,11 @@ def run(args: argparse.Namespace) -> int:
         print_table(rows, console)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out: Path = args.out
-    written = [write_json(out / f"bench-{stamp}.json", rows, meta), write_csv(out / f"bench-{stamp}.csv", rows)]
+    written = [
+        write_json(out / f"bench-{stamp}.json", rows, meta),
+        write_csv(out / f"bench-{stamp}.csv", rows),
+        write_markdown(out / f"bench-{stamp}.md", rows, meta),
+    ]
     if not args.no_plot:
         title = (
             f"{meta['machine']['cpu'] if cfg.device == 'cpu' else meta['machine'].get('gpu')}, "

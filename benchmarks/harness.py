@@ -65,6 +65,7 @@ __all__ = [
     "count_flops",
     "fused_backends",
     "machine_info",
+    "markdown_table",
     "parse_ints",
     "pass_runner",
     "print_table",
@@ -74,6 +75,7 @@ __all__ = [
     "time_callable",
     "write_csv",
     "write_json",
+    "write_markdown",
     "write_plot",
 ]
 
@@ -618,6 +620,54 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
+    return path
+
+
+def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> str:
+    """The result as a Markdown table (for docs/benchmarks.md), headed by the machine and the command."""
+    lines = []
+    machine = (meta or {}).get("machine", {})
+    if machine:
+        where = machine.get("gpu") or machine.get("cpu")
+        lines.append(
+            f"Measured {machine.get('date_utc', '?')} on {where} ({machine.get('cpu_count')} cores), "
+            f"{machine.get('threads')} threads, torch {machine.get('torch')}; load average before the run "
+            f"{', '.join(f'{v:.1f}' for v in machine.get('load_avg') or [])}."
+        )
+    if meta and meta.get("command"):
+        lines.append(f"Command: `{meta['command']}`")
+    if lines:
+        lines.append("")
+    with_peak = any(r.get("peak_mb") is not None for r in rows)
+    header = ["op", "shape", "pass", "contender", "ms", "IQR", "speed-up", "GFLOP/s", "% roof", "saved MB"]
+    header += ["peak MB"] if with_peak else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 4 + "--:|" * (len(header) - 4)]
+    for r in rows:
+        if r["status"] != "ok":
+            cells = [r["op"], r["shape"], r["pass"], r["contender"] or "-", r["status"]] + [""] * (len(header) - 5)
+        else:
+            speed = "1 (base)" if r["kind"] == "baseline" else _fmt(r["speedup"], ".2f") + "x"
+            cells = [
+                r["op"],
+                r["shape"],
+                r["pass"],
+                r["contender"],
+                _fmt(r["ms"], ".1f"),
+                _fmt(r["ms_iqr"], ".1f"),
+                speed,
+                _fmt(r["gflops"], ".0f"),
+                _fmt(r["pct_roof"], ".0f"),
+                _fmt(r["saved_mb"], ".3g"),
+            ]
+            cells += [_fmt(r["peak_mb"], ".1f")] if with_peak else []
+        lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown_table(rows, meta))
     return path
 
 

@@ -70,6 +70,10 @@ def test_cli_tiny_run_writes_json_csv_png(tmp_path, capsys):
         assert reader.fieldnames == COLUMNS
         assert len(list(reader)) == len(rows)
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (tmp_path / "latest.md").read_text().splitlines()
+    assert markdown[1].startswith("Command: `t3d-bench --shape " + TINY_TTL)
+    assert markdown[3].startswith("| op | shape | pass | contender | ms |")
+    assert len([line for line in markdown if line.startswith("| ttl |")]) == len(rows)
     assert len(list(tmp_path.glob("bench-*.json"))) == 1
     out = capsys.readouterr().out
     assert "speed-up" in out and "pool-first" in out
