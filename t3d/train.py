@@ -307,6 +307,7 @@ class Trainer:
             )
         self.epoch, self.position, self.step = 0, 0, 0  # position: micro-batches of `epoch` consumed
         self.skipped = 0  # samples dropped by the loader (corrupt/too-short videos), this run
+        self._last_batch: Any = None  # DDP: replayed (with zero loss) when a micro-batch has no readable video
         self.history: list[dict] = []
         self.out_dir = self.config.out_dir
         if self.out_dir and self.ctx.is_main:
@@ -491,18 +492,42 @@ class Trainer:
             )
 
     def _forward_backward(self, batch: Any, last_micro: bool) -> StepOutput | None:
-        if isinstance(batch, Mapping) and int(batch.get("count", 1)) == 0:
+        empty = isinstance(batch, Mapping) and int(batch.get("count", 1)) == 0
+        if empty and not self.ctx.distributed:
             # every sample of this micro-batch was unreadable: contribute nothing (the step still happens)
             return None
+        if empty:
+            # DDP: every rank must run forward/backward (the gradient all-reduce is collective). Replay the last
+            # readable micro-batch with a zero loss: this rank adds a zero gradient.
+            if self._last_batch is None:
+                self._last_batch = self._readable_batch()
+            batch = self._last_batch
+        else:
+            self._last_batch = batch if self.ctx.distributed else None
         sync = last_micro or not self.ctx.distributed
         context = self.model.no_sync() if not sync else _nullcontext()
         with context:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.autocast):
                 out = self.step_fn(self.model, batch, self.device)
             loss = out.loss / self.config.accum_steps
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss * 0.0 if empty else loss).backward()
         out.loss = out.loss.detach()
-        return out
+        return None if empty else out
+
+    def _readable_batch(self) -> Any:
+        """One readable sample of the loader's dataset, collated: the stand-in batch of a rank whose very first
+        micro-batch had no readable video."""
+        dataset, collate = getattr(self.loader, "dataset", None), getattr(self.loader, "collate_fn", None)
+        if dataset is not None and collate is not None:
+            # two samples where possible: BatchNorm in training mode needs more than one value per channel
+            samples = [dataset[i] for i in range(min(len(dataset), 64))]
+            batch = collate(samples)
+            if isinstance(batch, Mapping) and int(batch.get("count", 1)) > 0:
+                return collate([s for s in samples if isinstance(s, Mapping)][:2])
+        raise RuntimeError(
+            f"rank {self.ctx.rank}: a micro-batch has no readable video and no readable stand-in was found among the "
+            "dataset's first 64 samples; check the dataset"
+        )
 
     def _optimizer_step(self) -> None:
         if self.config.grad_clip:
