@@ -133,6 +133,20 @@ def test_resume_after_interruption_is_bit_exact(synthetic, tmp_path):
     assert not torch.equal(mid["model"]["classifier.weight"], b["model"]["classifier.weight"])
 
 
+def test_gradient_accumulation_equals_the_full_batch(synthetic, tmp_path):
+    """Batch 4 x 2 accumulation steps == batch 8 (BN frozen, so both normalize alike): float32 summation order only."""
+    args = ["--epochs", "1", "--lr", "0.05", "--freeze-bn", "--backend", "reference", "--workers", "0"]
+    _train(synthetic, tmp_path / "full", *args, "--batch-size", "8")
+    _train(synthetic, tmp_path / "accum", *args, "--batch-size", "4", "--accum-steps", "2")
+    full, accum = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "accum" / "last.pt")
+    assert full["step"] == accum["step"] == 4
+    eps = torch.finfo(torch.float32).eps
+    for k, v in full["model"].items():
+        if v.is_floating_point():
+            tol = 8 * eps * full["step"] * v.abs().max().item()
+            assert (v - accum["model"][k]).abs().max().item() <= tol, k
+
+
 def test_init_from_checkpoint_reinitialises_a_different_classifier(trained_3d, tmp_path, capsys):
     out3d, _ = trained_3d
     data4 = make_dataset(str(tmp_path / "syn4"), num_classes=4, train_per_class=2, test_per_class=1)
