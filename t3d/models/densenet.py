@@ -191,6 +191,8 @@ class T3D(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != 3:
             raise ValueError(f"x: expected a clip batch (N, 3, T, H, W), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point clip batch, got dtype {x.dtype}")
         clip_stage_shapes(x.shape[2:], self.num_stages)
         f = F.relu(self.features(x))
         return F.adaptive_avg_pool3d(f, 1).flatten(1)
@@ -254,7 +256,7 @@ def densenet121(num_classes: int = 1000) -> DenseNet2d:
 
 
 # torchvision's checkpoints before 0.3 named layers "norm.1" instead of "norm1"
-_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def load_densenet2d_weights(model: DenseNet2d, path: str | os.PathLike, strict_classifier: bool = False) -> DenseNet2d:
@@ -281,6 +283,10 @@ def load_densenet2d_weights(model: DenseNet2d, path: str | os.PathLike, strict_c
     state = {(_OLD_KEY.sub(lambda m: m.group(1) + m.group(2), k)): v for k, v in state.items()}
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
+    # checkpoints from before PyTorch 0.4.1 (torchvision's ImageNet files among them) have no BN batch counters
+    for key in own:
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = torch.zeros_like(own[key])
     if not strict_classifier:
         for key in ("classifier.weight", "classifier.bias"):
             if key in state and state[key].shape != own[key].shape:
