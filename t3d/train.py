@@ -448,7 +448,8 @@ class Trainer:
                         stop = True
                 if bar is not None:
                     bar.update(1)
-                    if sums[2] > 0 and (self.position % max(1, cfg.log_every) == 0 or stop):
+                    refresh = self.position % max(1, cfg.log_every) == 0 or stop or self.position == micro_total
+                    if sums[2] > 0 and refresh:
                         rate = clips_seen * ctx.world_size / max(time.perf_counter() - start_time, 1e-9)
                         post = {"loss": f"{sums[0] / sums[2]:.4f}", "clips/s": f"{rate:.1f}"}
                         if sums[3] > 0:

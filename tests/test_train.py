@@ -25,7 +25,14 @@ from t3d.checkpoint import (
 )
 from t3d.cli import main as cli_main
 from t3d.models import t3d_tiny
-from t3d.train import TrainConfig, WarmupSchedule, amp_settings, fused_ops_support_autocast, make_optimizer
+from t3d.train import (
+    StepOutput,
+    TrainConfig,
+    WarmupSchedule,
+    amp_settings,
+    fused_ops_support_autocast,
+    make_optimizer,
+)
 
 # --threads 1: this 2-core machine is shared; one thread per process is also what makes runs reproducible
 COMMON = ["--model", "t3d_tiny", "--clip", CLIP, "--batch-size", "8", "--threads", "1", "--no-progress"]
@@ -165,6 +172,53 @@ def test_init_from_checkpoint_reinitialises_a_different_classifier(trained_3d, t
 
 
 # ---------------------------------------------------------------------------------------------- pieces
+class _Regression(torch.utils.data.Dataset):
+    """y = x @ w_true: indexed by the (index, sample_seed) pairs of EpochSampler."""
+
+    def __init__(self, n: int = 24) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5])
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, item):
+        index, _ = item
+        return {"x": self.x[index], "y": self.y[index]}
+
+
+def _mse_step(model, batch, device):
+    pred = model(batch["x"].to(device)).squeeze(1)
+    return StepOutput(torch.nn.functional.mse_loss(pred, batch["y"].to(device)), int(batch["y"].numel()))
+
+
+def test_trainer_with_a_custom_step_function(tmp_path, capsys):
+    """The reusable loop: any model, loader and step function; progress bar, accumulation, schedule, log."""
+    from torch.utils.data import DataLoader
+
+    from t3d.data import EpochSampler
+    from t3d.train import Trainer, make_scheduler
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    data = _Regression()
+    sampler = EpochSampler(len(data), batch_size=4, seed=1)
+    loader = DataLoader(data, batch_size=4, sampler=sampler, drop_last=True)
+    cfg = TrainConfig(epochs=5, lr=0.05, accum_steps=2, warmup_steps=2, out_dir=str(tmp_path), log_every=1, seed=1)
+    opt = make_optimizer(model, cfg)
+    trainer = Trainer(model, opt, loader, step_fn=_mse_step, scheduler=make_scheduler(opt, cfg, 3), config=cfg,
+                      meta={"what": "regression"})
+    assert trainer.steps_per_epoch == 3
+    history = trainer.fit()
+    assert [r["step"] for r in history] == [3, 6, 9, 12, 15]
+    assert history[-1]["loss"] < 0.2 * history[0]["loss"] and history[0]["acc"] is None
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0 at the last step
+    assert "loss=" in capsys.readouterr().err  # the tqdm bar's postfix
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["meta"]["what"] == "regression" and ckpt["epoch"] == 5 and ckpt["step"] == 15
+
+
 def test_checkpoint_atomic_save_and_weights_only_load(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint({"a": torch.arange(3), "meta": {"x": [1, 2]}}, path)
