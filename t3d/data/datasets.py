@@ -361,6 +361,9 @@ class VideoDataset(Dataset):
         self.records, self.classes = list(records), list(classes)
         self.clip_len, self.frame_stride, self.mode, self.num_clips = clip_len, frame_stride, mode, num_clips
         self.transform, self.seed = transform, seed
+        # frame counts seen so far (per process: each DataLoader worker fills its own); saves a container open, or
+        # a full decode where the container does not store the count
+        self._num_frames: dict[int, int] = {}
 
     @property
     def span(self) -> int:
@@ -395,10 +398,13 @@ class VideoDataset(Dataset):
         rec = self.records[index]
         rng = random.Random(seed)
         try:
-            num = count_frames(rec.path)
+            num = self._num_frames.get(index)
+            if num is None:
+                num = self._num_frames[index] = count_frames(rec.path)
             try:
                 clips = self._load(rec.path, num, rng)
             except VideoTooShort as exc:  # the container over-reported its frame count
+                self._num_frames[index] = exc.num_frames
                 clips = self._load(rec.path, exc.num_frames, random.Random(seed))
         except (VideoReadError, OSError, ValueError) as exc:
             warnings.warn(f"skipping video {rec.path}: {exc}", stacklevel=2)
