@@ -10,7 +10,7 @@
   elementwise formula; the ReLU mask is recomputed from h).
 - ``_conv1x1_dgrad_kernel``: dL/dz = W1^T @ dL/dh with the BN1-ReLU backward's local part in the epilogue: the ReLU
   mask recomputed from x, ``grad_prefix += scale * gp`` (each element owned by one program: no atomics), and
-  per-program partial sums of gp and gp * x (reduced in float64 by the caller: deterministic).
+  per-program partial sums of gp and gp * (x - mean) (reduced in float64 by the caller: deterministic).
 - ``_conv1x1_wgrad_kernel``: dL/dW1 = dL/dh @ relu(x * scale + shift)^T, normalizing x on load again.
 
 fp32 GEMMs use IEEE fp32 (``input_precision="ieee"``), as PyTorch's default matmul does.
@@ -105,10 +105,13 @@ def _bn_relu_kernel(h_ptr, scale_ptr, shift_ptr, out_ptr, C, P, BLOCK: tl.conste
 
 
 @triton.jit
-def _bn_relu_bwd_sums_kernel(g_ptr, h_ptr, scale_ptr, shift_ptr, sg_ptr, sgh_ptr, N, C, P, BLOCK: tl.constexpr):
+def _bn_relu_bwd_sums_kernel(
+    g_ptr, h_ptr, scale_ptr, shift_ptr, mean_ptr, sg_ptr, sgh_ptr, N, C, P, BLOCK: tl.constexpr
+):
     c = tl.program_id(0)
     s = tl.load(scale_ptr + c)
     t = tl.load(shift_ptr + c)
+    mu = tl.load(mean_ptr + c)
     offs = tl.arange(0, BLOCK)
     a1 = tl.zeros([BLOCK], dtype=tl.float32)
     a2 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -120,7 +123,7 @@ def _bn_relu_bwd_sums_kernel(g_ptr, h_ptr, scale_ptr, shift_ptr, sg_ptr, sgh_ptr
             g = tl.load(g_ptr + base + p0 + offs, mask=m, other=0.0)
             gp = tl.where(m & (h * s + t > 0), g, 0.0)
             a1 += gp
-            a2 += gp * h
+            a2 += gp * (h - mu)  # centered: sum gp * xhat with no cancelling subtraction
     tl.store(sg_ptr + c, tl.sum(a1, axis=0))
     tl.store(sgh_ptr + c, tl.sum(a2, axis=0))
 
@@ -150,6 +153,7 @@ def _conv1x1_dgrad_kernel(
     x_ptr,
     scale_ptr,
     shift_ptr,
+    mean_ptr,
     gx_ptr,
     psum_ptr,
     C,
@@ -185,10 +189,11 @@ def _conv1x1_dgrad_kernel(
     gx_ptrs = gx_ptr + n * stride_xn + offs_c[:, None] * stride_xc + offs_p[None, :]
     prev = tl.load(gx_ptrs, mask=m, other=0.0)
     tl.store(gx_ptrs, (prev + s[:, None] * gp).to(gx_ptr.dtype.element_ty), mask=m)
-    # partial sums of this program: row (n, pid_p), channels offs_c; [sum gp, sum gp * x]
+    # partial sums of this program: row (n, pid_p), channels offs_c; [sum gp, sum gp * (x - mean)]
     prog = n * tl.num_programs(0) + pid_p
     tl.store(psum_ptr + (prog * 2) * C + offs_c, tl.sum(gp, axis=1), mask=mc)
-    tl.store(psum_ptr + (prog * 2 + 1) * C + offs_c, tl.sum(gp * x, axis=1), mask=mc)
+    mu = tl.load(mean_ptr + offs_c, mask=mc, other=0.0)
+    tl.store(psum_ptr + (prog * 2 + 1) * C + offs_c, tl.sum(gp * (x - mu[:, None]), axis=1), mask=mc)
 
 
 @triton.jit
@@ -299,9 +304,10 @@ class TritonKernels(CompositeKernels):
         sg = torch.empty(c, device=h.device, dtype=torch.float32)
         sgh = torch.empty_like(sg)
         scale, shift = scale.contiguous(), shift.contiguous()
-        _bn_relu_bwd_sums_kernel[(c,)](grad_z, h, scale, shift, sg, sgh, n, c, p, BLOCK=_BLOCK_STATS)
+        mean32 = mean.to(torch.float32).contiguous()
+        _bn_relu_bwd_sums_kernel[(c,)](grad_z, h, scale, shift, mean32, sg, sgh, n, c, p, BLOCK=_BLOCK_STATS)
         sum_g = sg.double()
-        sum_gx = (sgh.double() - mean * sum_g) * invstd
+        sum_gx = sgh.double() * invstd
         if training:
             alpha, beta = _affine_correction(scale, invstd, mean, sum_g, sum_gx, n * p)
         else:
@@ -329,6 +335,7 @@ class TritonKernels(CompositeKernels):
             prefix,
             scale,
             shift,
+            mean.to(torch.float32).contiguous(),
             grad_prefix,
             psum,
             c,
@@ -343,7 +350,7 @@ class TritonKernels(CompositeKernels):
         )
         sums = psum.double().sum(0)
         sum_g = sums[0]
-        sum_gx = (sums[1] - mean * sum_g) * invstd
+        sum_gx = sums[1] * invstd
         grad_w1 = torch.empty(b, c, device=prefix.device, dtype=torch.float32)
         _conv1x1_wgrad_kernel[(triton.cdiv(b, _BLOCK_M), triton.cdiv(c, _BLOCK_K))](
             grad_h,
