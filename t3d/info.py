@@ -7,7 +7,7 @@ import argparse
 import torch
 from torch import nn
 
-from t3d_kernels import DenseBlock3d, DenseLayer3d, TemporalTransition
+from t3d_kernels import DenseBlock3d, TemporalTransition
 
 from .models import MODELS
 
@@ -50,9 +50,10 @@ def model_summary(model: nn.Module, clip: tuple[int, int, int], batch: int = 1) 
                 per = sum(b.weight.numel() for b in module.branches)
                 flops[name] = flops.get(name, 0) + 2 * positions * per
                 flops[name + ":fused"] = flops.get(name + ":fused", 0) + 2 * output[:, 0].numel() * per
-            elif isinstance(module, DenseLayer3d):  # its convs run through the op, not their modules
+            elif isinstance(module, DenseBlock3d):  # its convs run through the op, not their modules
                 positions = output[:, 0].numel()
-                flops[name] = flops.get(name, 0) + 2 * positions * (module.conv1.weight.numel() + module.conv2.weight.numel())
+                per = sum(layer.conv1.weight.numel() + layer.conv2.weight.numel() for layer in module.layers())
+                flops[name] = flops.get(name, 0) + 2 * positions * per
             elif isinstance(module, (nn.Conv3d, nn.Conv2d, nn.Linear)):
                 flops[name] = flops.get(name, 0) + 2 * _conv_macs(module, output)
 
@@ -61,10 +62,10 @@ def model_summary(model: nn.Module, clip: tuple[int, int, int], batch: int = 1) 
     features = model.features
     for name, module in features.named_children():
         hooks.append(module.register_forward_hook(stage_hook(name)))
-    owners = [n for n, m in model.named_modules() if isinstance(m, (TemporalTransition, DenseLayer3d))]
+    owners = [n for n, m in model.named_modules() if isinstance(m, (TemporalTransition, DenseBlock3d))]
     for name, module in model.named_modules():
         inside = any(name.startswith(n + ".") for n in owners)
-        if isinstance(module, (TemporalTransition, DenseLayer3d, nn.Conv3d, nn.Conv2d, nn.Linear)) and not inside:
+        if isinstance(module, (TemporalTransition, DenseBlock3d, nn.Conv3d, nn.Conv2d, nn.Linear)) and not inside:
             hooks.append(module.register_forward_hook(count(name)))
     try:
         meta_model = model.to("meta")

@@ -211,6 +211,8 @@ def test_cli_info(capsys):
     assert cli_main(["info", "--model", "t3d121", "--clip", "32x224x224"]) == 0
     out = capsys.readouterr().out
     assert "transition1" in out and "(1, 128, 8, 28, 28)" in out and "25,815,184" in out
+    # 2 x multiply-adds of every conv and the classifier at 32x224x224 (dense blocks and TTLs included)
+    assert "GFLOPs per clip: 260.99 (TTLs 141.66); with the fused TTL algebra: 137.04" in out
     assert cli_main(["info", "--clip", "8x20x20"]) == 2
     assert "clip: expected" in capsys.readouterr().err
     assert cli_main(["info", "--clip", "32x224"]) == 2
