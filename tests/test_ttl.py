@@ -336,3 +336,18 @@ def test_module_rejects_bad_configuration(depths):
         tk.TemporalTransition(4, 4, depths=(0, *depths))
     with pytest.raises(ValueError, match="kernel_size"):
         tk.TemporalTransition(4, 4, depths=depths, kernel_size=2)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_autocast_rules(backend):
+    """An autocast rule is registered on CPU and CUDA; on CPU the op computes in float32 under autocast."""
+    for key in ("AutocastCPU", "AutocastCUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("t3d::ttl", key)
+    m = tk.TemporalTransition(8, 6, (1, 3), backend=backend)
+    x = torch.randn(2, 8, 4, 6, 6)
+    expected = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, expected)
+    assert m.norm.running_mean.dtype == torch.float32

@@ -236,6 +236,33 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
 _ttl_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _autocast_rule(device_type: str):
+    """Autocast for ``t3d::ttl``. On CUDA the op runs in the autocast dtype (x, weights and the BN vectors alike: the
+    kernels take one dtype), as autocast does for convolutions; the gradients of float32 parameters come back in
+    float32 through the casts. On CPU it computes in float32 (the cpu kernels are float32/float64 only)."""
+
+    def rule(x, bn_weight, bn_bias, running_mean, running_var, weights, pool, training, eps, backend):
+        dtype = torch.get_autocast_dtype(device_type)
+        keys = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA if device_type == "cuda" else
+                                       torch._C.DispatchKey.AutocastCPU)
+        with torch._C._ExcludeDispatchKeyGuard(keys):
+            if device_type != "cuda" or backend == "cpu" or not x.is_floating_point():
+                return torch.ops.t3d.ttl(x, bn_weight, bn_bias, running_mean, running_var, weights, pool, training, eps,
+                                         backend)
+
+            def cast(t):
+                return t.to(dtype) if t.is_floating_point() else t
+
+            return torch.ops.t3d.ttl(cast(x), cast(bn_weight), cast(bn_bias), cast(running_mean), cast(running_var),
+                                     [cast(w) for w in weights], pool, training, eps, backend)
+
+    return rule
+
+
+for _device_type, _key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
+    torch.library.impl("t3d::ttl", _key)(_autocast_rule(_device_type))
+
+
 def ttl(
     x: torch.Tensor,
     bn_weight: torch.Tensor,
@@ -268,6 +295,7 @@ def ttl(
     if training:
         with torch.no_grad():
             count = x.numel() // x.shape[1]
-            running_mean.lerp_(mean, momentum)
-            running_var.lerp_(var * (count / max(count - 1, 1)), momentum)
+            # under autocast the statistics come back in the compute dtype; the buffers keep theirs
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(var.to(running_var.dtype) * (count / max(count - 1, 1)), momentum)
     return y
