@@ -3,7 +3,8 @@
 Every (case, pass, contender) of the selected ops is one benchmark; the baseline of a case and pass runs first,
 and every other contender records its ``speedup`` vs it in ``extra_info`` (``--benchmark-json`` keeps it).
 Options (defaults: a light run): ``--t3d-ops ttl,dense_block,model``, ``--t3d-passes``, ``--t3d-batches 1``,
-``--t3d-shape OP:SPEC`` (repeatable), ``--t3d-paper``, ``--t3d-rounds 3``, ``--t3d-device``, ``--t3d-no-compile``.
+``--t3d-shape OP:SPEC`` (repeatable), ``--t3d-paper``, ``--t3d-rounds 3``, ``--t3d-device``, ``--t3d-no-compile``,
+``--t3d-threads``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--t3d-device", default="cuda" if torch.cuda.is_available() else "cpu")
     group.addoption("--t3d-dtype", default="float32")
     group.addoption("--t3d-no-compile", action="store_true", help="leave out torch.compile contenders")
+    group.addoption("--t3d-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    threads = config.getoption("--t3d-threads", default=0)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _config(config: pytest.Config) -> BenchConfig:
