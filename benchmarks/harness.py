@@ -458,6 +458,10 @@ def run_cases(
     rows: list[dict[str, Any]] = []
     for case in cases:
         torch.manual_seed(cfg.seed)
+        if "torch._dynamo" in sys.modules:
+            # every case compiles its own functions; dynamo's caches (and its recompile limit, counted per code
+            # object, which the closures of all cases share) must not carry over from the previous case
+            torch._dynamo.reset()
         try:
             # the baseline runs first in every pass: the others' errors are measured against its output
             contenders = sorted(case.build(), key=lambda c: c.kind != "baseline")
