@@ -72,6 +72,7 @@ void init_ttl(pybind11::module& m) {
   m.def("ttl_forward", &ttl_forward, "Fused TTL forward (pool-first algebra)", pybind11::arg("x"),
         pybind11::arg("bn_weight"), pybind11::arg("bn_bias"), pybind11::arg("mean"), pybind11::arg("var"),
         pybind11::arg("weights"), pybind11::arg("pool"), pybind11::arg("eps"));
+  m.def("batch_stats", &batch_stats_cpu, "Per-channel batch mean and biased variance (CPU)", pybind11::arg("x"));
   m.def("ttl_backward", &ttl_backward, "Fused TTL backward: (grad_x, grad_bn_weight, grad_bn_bias, grad_weights)",
         pybind11::arg("grad_y"), pybind11::arg("x"), pybind11::arg("bn_weight"), pybind11::arg("bn_bias"),
         pybind11::arg("mean"), pybind11::arg("var"), pybind11::arg("weights"), pybind11::arg("pool"),

@@ -17,6 +17,9 @@ using TtlGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::
 void check_ttl_inputs(const at::Tensor& x, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                       const at::Tensor& mean, const at::Tensor& var, const std::vector<at::Tensor>& weights);
 
+// per-channel batch mean and biased variance of x (N, C, T, H, W), any strides
+std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& x);
+
 at::Tensor ttl_forward_cpu(const at::Tensor& x, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                            const at::Tensor& mean, const at::Tensor& var, const std::vector<at::Tensor>& weights,
                            bool pool, double eps);

@@ -419,23 +419,21 @@ void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vect
     for (int64_t cls = 0; cls < s * s * s; ++cls)
       for (int64_t f = 0; f < (int64_t)class_pos[cls].size(); f += MR)
         tiles.push_back({n, cls, f, std::min<int64_t>(MR, class_pos[cls].size() - f)});
-  const int64_t ntasks = (int64_t)tiles.size() * ncb;
-  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const T*> tap_rows, wt;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t cbi = task % ncb;
-      const Tile& tile = tiles[task / ncb];
+  const int64_t nb = (int64_t)pb.branches.size();
+  at::parallel_for(0, (int64_t)tiles.size(), 1, [&](int64_t begin, int64_t end) {
+    // per branch: the taps that land on this tile's parity class, and each row's gy row (or a zero row)
+    std::vector<std::vector<const T*>> tap_rows(nb);
+    std::vector<std::vector<int64_t>> tap_ids(nb);
+    std::vector<const T*> wt;
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const Tile& tile = tiles[ti];
       const int64_t* pos = class_pos[tile.cls].data() + tile.first;
-      alignas(64) T a[MR * NR] = {};
-      for (size_t bi = 0; bi < pb.branches.size(); ++bi) {
+      const int64_t v0 = pos[0];
+      const int64_t t_0 = v0 / (g.Hs * g.Ws), h_0 = (v0 / g.Ws) % g.Hs, w_0 = v0 % g.Ws;
+      for (int64_t bi = 0; bi < nb; ++bi) {
         const Branch& b = pb.branches[bi];
-        tap_rows.clear();
-        wt.clear();
-        const int64_t taps = b.depth * b.kh * b.kw;
-        const T* wbase = packed[bi].data_ptr<T>() + cbi * taps * b.cout * NR;
-        // the class fixes which taps can land; each row checks its own bounds
-        const int64_t v0 = pos[0];
-        const int64_t t_0 = v0 / (g.Hs * g.Ws), h_0 = (v0 / g.Ws) % g.Hs, w_0 = v0 % g.Ws;
+        tap_rows[bi].clear();
+        tap_ids[bi].clear();
         for (int64_t dt = 0; dt < b.depth; ++dt) {
           if ((t_0 - b.t0 - dt) % s != 0) continue;
           for (int64_t dh = 0; dh < b.kh; ++dh) {
@@ -443,7 +441,7 @@ void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vect
             for (int64_t dw = 0; dw < b.kw; ++dw) {
               if ((w_0 - b.w0 - dw) % s != 0) continue;
               bool any = false;
-              const size_t at_ = tap_rows.size();
+              const size_t at_ = tap_rows[bi].size();
               for (int r = 0; r < MR; ++r) {
                 const T* row = zero_row.data();
                 if (r < tile.count) {
@@ -456,22 +454,30 @@ void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vect
                     any = true;
                   }
                 }
-                tap_rows.push_back(row);
+                tap_rows[bi].push_back(row);
               }
-              if (!any) {
-                tap_rows.resize(at_);
-                continue;
-              }
-              wt.push_back(wbase + ((dt * b.kh + dh) * b.kw + dw) * b.cout * NR);
+              if (any)
+                tap_ids[bi].push_back((dt * b.kh + dh) * b.kw + dw);
+              else
+                tap_rows[bi].resize(at_);
             }
           }
         }
-        if (!wt.empty()) dgrad_tile_mv(tap_rows.data(), wt.data(), (int)wt.size(), b.cout, a);
       }
-      const int64_t c0 = cbi * NR, cvalid = std::min<int64_t>(NR, C - c0);
-      for (int r = 0; r < tile.count; ++r) {
-        T* out = gsrc + (tile.n * g.Ts * g.Hs * g.Ws + pos[r]) * C + c0;
-        std::memcpy(out, a + r * NR, cvalid * sizeof(T));
+      for (int64_t cbi = 0; cbi < ncb; ++cbi) {
+        alignas(64) T a[MR * NR] = {};
+        for (int64_t bi = 0; bi < nb; ++bi) {
+          if (tap_ids[bi].empty()) continue;
+          const Branch& b = pb.branches[bi];
+          const int64_t taps = b.depth * b.kh * b.kw;
+          const T* wbase = packed[bi].data_ptr<T>() + cbi * taps * b.cout * NR;
+          wt.clear();
+          for (int64_t j : tap_ids[bi]) wt.push_back(wbase + j * b.cout * NR);
+          dgrad_tile_mv(tap_rows[bi].data(), wt.data(), (int)wt.size(), b.cout, a);
+        }
+        const int64_t c0 = cbi * NR, cvalid = std::min<int64_t>(NR, C - c0);
+        for (int r = 0; r < tile.count; ++r)
+          std::memcpy(gsrc + (tile.n * g.Ts * g.Hs * g.Ws + pos[r]) * C + c0, a + r * NR, cvalid * sizeof(T));
       }
     }
   });
@@ -496,7 +502,7 @@ void input_grad(const T* gsrc, const at::Tensor& x, const Problem& pb, const T* 
   at::parallel_for(0, pb.N * g.T, 1, [&](int64_t begin, int64_t end) {
     T* psum_g = partial.data() + 2 * C * at::get_thread_num();
     T* psum_gx = psum_g + C;
-    std::vector<T> tsum(plane), gz(g.H * g.W * C);
+    std::vector<T> tsum(plane), gz(g.H * g.W * C), gzt(g.H * g.W * C);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t n = idx / g.T, t = idx % g.T;
       const int64_t ut = t + g.front;
@@ -526,6 +532,13 @@ void input_grad(const T* gsrc, const at::Tensor& x, const Problem& pb, const T* 
         for (int64_t h = 0; h < g.H; ++h)
           std::memcpy(gz.data() + h * g.W * C, pl + ((h + g.ph) * g.Ws + g.pw) * C, g.W * C * sizeof(T));
       }
+      // channel-major copy of the plane (16-channel blocks), so the per-channel loop below reads it contiguously
+      const int64_t hw = g.H * g.W;
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const int64_t cn = std::min<int64_t>(16, C - c0);
+        for (int64_t q = 0; q < hw; ++q)
+          for (int64_t cc = 0; cc < cn; ++cc) gzt[(c0 + cc) * hw + q] = gz[q * C + c0 + cc];
+      }
       // ReLU mask, BN backward sums; in eval the final gradient directly
       for (int64_t c = 0; c < C; ++c) {
         const T sc = scale[c], sh = shift[c], mu = mean[c], is = invstd[c];
@@ -535,7 +548,7 @@ void input_grad(const T* gsrc, const at::Tensor& x, const Problem& pb, const T* 
         for (int64_t h = 0; h < g.H; ++h)
           for (int64_t w = 0; w < g.W; ++w) {
             const T xv = px[h * xs[3] + w * xs[4]];
-            const T gv = (xv * sc + sh > T(0)) ? gz[(h * g.W + w) * C + c] : T(0);
+            const T gv = (xv * sc + sh > T(0)) ? gzt[c * hw + h * g.W + w] : T(0);
             acc_g += gv;
             acc_gx += gv * (xv - mu) * is;
             pg[h * gs[3] + w * gs[4]] = training ? gv : gv * sc;
@@ -599,6 +612,43 @@ void check_cpu_dtype(const at::Tensor& x) {
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> batch_stats_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 5 && x.numel() > 0, "x: expected a non-empty 5-D tensor (N, C, T, H, W), got shape ",
+              x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
+  check_cpu_dtype(x);
+  const int64_t N = x.size(0), C = x.size(1), T = x.size(2), H = x.size(3), W = x.size(4);
+  auto mean = at::empty({C}, x.options()), var = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_stats_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3), s4 = x.stride(4);
+    // sums around a per-channel shift (its first element) in double: no cancellation when |mean| >> std
+    at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const double shift = xp[c * s1];
+        double sum = 0, sumsq = 0;
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t h = 0; h < H; ++h) {
+              const scalar_t* row = xp + n * s0 + c * s1 + t * s2 + h * s3;
+              double rs = 0, rq = 0;
+              for (int64_t w = 0; w < W; ++w) {
+                const double d = double(row[w * s4]) - shift;
+                rs += d;
+                rq += d * d;
+              }
+              sum += rs;
+              sumsq += rq;
+            }
+        const double count = double(N * T * H * W), m = sum / count;
+        mean.data_ptr<scalar_t>()[c] = scalar_t(shift + m);
+        var.data_ptr<scalar_t>()[c] = scalar_t(std::max(sumsq / count - m * m, 0.0));
+      }
+    });
+  });
+  return {mean, var};
+}
 
 at::Tensor ttl_forward_cpu(const at::Tensor& x, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                            const at::Tensor& mean, const at::Tensor& var, const std::vector<at::Tensor>& weights,

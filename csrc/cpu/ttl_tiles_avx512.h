@@ -48,9 +48,13 @@ T3D_AVX512 void wgrad_tile_avx512(const float* src, const int64_t* rows, int64_t
   __m512 a[kAvxMR][kAvxNV];
   T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) T3D_UNROLL for (int v = 0; v < kAvxNV; ++v) a[r][v] =
       _mm512_loadu_ps(acc + r * NR + v * 16);
+  // consecutive positions read rows ~2*C floats apart (stride 2): too far for the hardware prefetcher, so ask
+  // for the row a few positions ahead
+  constexpr int64_t kAhead = 6;
   for (int64_t p = 0; p < np; ++p) {
     const float* ps = src + rows[p] + off;
     const float* pg = gy + p * ldg;
+    if (p + kAhead < np) _mm_prefetch(reinterpret_cast<const char*>(src + rows[p + kAhead] + off), _MM_HINT_T0);
     const __m512 b0 = _mm512_loadu_ps(pg), b1 = _mm512_loadu_ps(pg + 16), b2 = _mm512_loadu_ps(pg + 32);
     T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) {
       const __m512 s = _mm512_set1_ps(ps[r]);

@@ -74,8 +74,10 @@ def _fold_bn(weight, bias, mean, var, eps):
     return scale, bias - mean * scale, invstd
 
 
-def _batch_stats(x, training, running_mean, running_var):
+def _batch_stats(x, training, running_mean, running_var, backend):
     if training:
+        if backend == "cpu":  # one vectorized pass (torch.var_mean over dims (0, 2, 3, 4) is several times slower)
+            return _ext.load().batch_stats(x)
         var, mean = torch.var_mean(x, dim=(0, 2, 3, 4), unbiased=False)
         return mean, var
     return running_mean.clone(), running_var.clone()
@@ -174,7 +176,7 @@ def _ttl_op(
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mean, var = _batch_stats(x, training, running_mean, running_var)
+    mean, var = _batch_stats(x, training, running_mean, running_var, backend)
     y = _FORWARD[backend](x, bn_weight, bn_bias, mean, var, weights, pool, eps)
     return y, mean, var
 
