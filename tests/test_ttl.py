@@ -116,6 +116,8 @@ CASES = [
     ((1, 20, 5, 6, 7), [(50, 1, 1), (17, 5, 3)], True),  # more channels than one vector block
     ((2, 6, 4, 5, 5), [(3, 1, 1), (4, 3, 3)], False),  # un-pooled concat
     ((1, 9, 2, 2, 3), [(1, 1, 1), (2, 3, 3)], True),  # the smallest poolable clip
+    ((2, 7, 4, 4, 5), [(8, 1, 1), (9, 3, 3), (8, 4, 3)], True),  # few positions, many channels: the cpu GEMM path
+    ((1, 5, 3, 3, 3), [(4, 1, 1), (5, 3, 3)], False),  # GEMM path without pooling
 ]
 
 

@@ -303,6 +303,73 @@ std::vector<int64_t> output_rows(const Problem& pb) {
   return rows;
 }
 
+// Few output positions (deep TTLs at small clips: TTL3 of T3D-121 has 18 per clip) make the weights, not the
+// activations, the big operand; packing them costs more than the convolution. Then every branch is a plain GEMM on
+// the weights' own layout: an im2col of the few positions, in the weights' (c, tap) order, and BLAS.
+bool use_gemm_path(const Problem& pb) {
+  int64_t min_cout = pb.branches.front().cout;
+  for (const auto& b : pb.branches) min_cout = std::min(min_cout, b.cout);
+  return pb.N * pb.Mo <= 2 * min_cout;
+}
+
+// im2col of branch b: (M, C * taps) with column c * taps + tap, the layout of the branch's weight rows
+template <typename T>
+at::Tensor im2col(const T* src, const Problem& pb, const Branch& b, const std::vector<int64_t>& rows,
+                  const at::TensorOptions& opts) {
+  const TtlGeometry& g = pb.g;
+  const int64_t C = pb.C, taps = b.depth * b.kh * b.kw, K = C * taps, M = pb.N * pb.Mo;
+  auto col = at::empty({M, K}, opts);
+  T* out = col.data_ptr<T>();
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      for (int64_t dt = 0; dt < b.depth; ++dt)
+        for (int64_t dh = 0; dh < b.kh; ++dh)
+          for (int64_t dw = 0; dw < b.kw; ++dw) {
+            const int64_t j = (dt * b.kh + dh) * b.kw + dw;
+            const T* row = src + (rows[p] + b.origin_row + (dt * g.Hs + dh) * g.Ws + dw) * C;
+            T* dst = out + p * K + j;
+            for (int64_t c = 0; c < C; ++c) dst[c * taps] = row[c];
+          }
+  });
+  return col;
+}
+
+// the adjoint of im2col: gsrc rows += columns (parallel over channel ranges: rows of different taps overlap)
+template <typename T>
+void col2im_add(const at::Tensor& col, const Problem& pb, const Branch& b, const std::vector<int64_t>& rows, T* gsrc) {
+  const TtlGeometry& g = pb.g;
+  const int64_t C = pb.C, taps = b.depth * b.kh * b.kw, K = C * taps, M = pb.N * pb.Mo;
+  const T* in = col.data_ptr<T>();
+  at::parallel_for(0, C, 16, [&](int64_t cb, int64_t ce) {
+    for (int64_t p = 0; p < M; ++p)
+      for (int64_t j = 0; j < taps; ++j) {
+        const int64_t dt = j / (b.kh * b.kw), dh = (j / b.kw) % b.kh, dw = j % b.kw;
+        T* row = gsrc + (rows[p] + b.origin_row + (dt * g.Hs + dh) * g.Ws + dw) * C;
+        const T* src_col = in + p * K + j;
+        for (int64_t c = cb; c < ce; ++c) row[c] += src_col[c * taps];
+      }
+  });
+}
+
+template <typename T>
+void conv_forward_gemm(const T* src, const Problem& pb, const std::vector<at::Tensor>& weights, T* y,
+                       const at::TensorOptions& opts) {
+  const std::vector<int64_t> rows = output_rows(pb);
+  for (size_t bi = 0; bi < pb.branches.size(); ++bi) {
+    const Branch& b = pb.branches[bi];
+    const at::Tensor col = im2col<T>(src, pb, b, rows, opts);
+    const at::Tensor yb = at::mm(col, weights[bi].view({b.cout, -1}).t());  // (M, cout)
+    const T* pyb = yb.data_ptr<T>();
+    at::parallel_for(0, pb.N * b.cout, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / b.cout, o = i % b.cout;
+        T* out = y + (n * pb.C_out + b.y_off + o) * pb.Mo;
+        for (int64_t q = 0; q < pb.Mo; ++q) out[q] = pyb[(n * pb.Mo + q) * b.cout + o];
+      }
+    });
+  }
+}
+
 template <typename T>
 void conv_forward(const T* src, const Problem& pb, const std::vector<at::Tensor>& weights, T* y) {
   constexpr int64_t L = kLanes<T>, NR = NV * L;
@@ -665,7 +732,10 @@ at::Tensor ttl_forward_cpu(const at::Tensor& x, const at::Tensor& bn_weight, con
     auto src = at::empty({pb.N, pb.g.Ts, pb.g.Hs, pb.g.Ws, pb.C}, x.options());
     build_source<scalar_t>(x, scale.data(), shift.data(), pb, src.data_ptr<scalar_t>());
     y = at::empty({pb.N, pb.C_out, pb.g.To, pb.g.Ho, pb.g.Wo}, x.options());
-    conv_forward<scalar_t>(src.data_ptr<scalar_t>(), pb, ws, y.data_ptr<scalar_t>());
+    if (use_gemm_path(pb))
+      conv_forward_gemm<scalar_t>(src.data_ptr<scalar_t>(), pb, ws, y.data_ptr<scalar_t>(), x.options());
+    else
+      conv_forward<scalar_t>(src.data_ptr<scalar_t>(), pb, ws, y.data_ptr<scalar_t>());
   });
   return y;
 }
@@ -709,8 +779,20 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
       });
     }
     const std::vector<int64_t> rows = output_rows(pb);
+    const bool gemm_path = use_gemm_path(pb);
+    auto gsrc = gemm_path ? at::zeros_like(src) : at::empty_like(src);
+    if (gemm_path) {  // 3 + 4 for few positions: gW = gy^T im2col(src), gsrc += col2im(gy W)
+      for (size_t bi = 0; bi < pb.branches.size(); ++bi) {
+        const Branch& b = pb.branches[bi];
+        const at::Tensor gyb =
+            at::from_blob(gy_cl.data() + b.y_off, {M, b.cout}, {ldg, 1}, x.options());  // view, no copy
+        const at::Tensor col = im2col<T>(srcp, pb, b, rows, x.options());
+        grad_weights.push_back(at::mm(gyb.t(), col).view(ws[bi].sizes()));
+        col2im_add<T>(at::mm(gyb, ws[bi].view({b.cout, -1})), pb, b, rows, gsrc.data_ptr<T>());
+      }
+    }
     // 3. weight gradients: tasks (branch, tap, 8-channel tile of C, block of NR output channels)
-    for (size_t bi = 0; bi < pb.branches.size(); ++bi) {
+    for (size_t bi = 0; !gemm_path && bi < pb.branches.size(); ++bi) {
       const Branch& b = pb.branches[bi];
       const int64_t taps = b.depth * b.kh * b.kw, nct = (pb.C + MR - 1) / MR;
       auto gw = at::empty({b.cout, pb.C, b.depth, b.kh, b.kw}, x.options());
@@ -741,9 +823,8 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
       });
       grad_weights.push_back(gw);
     }
-    // 4. gradient of the source tensor (reuses src's storage: src is no longer needed)
-    auto gsrc = at::empty_like(src);
-    source_grad<T>(gy_cl.data(), ldg, pb, ws, gsrc.data_ptr<T>());
+    // 4. gradient of the source tensor
+    if (!gemm_path) source_grad<T>(gy_cl.data(), ldg, pb, ws, gsrc.data_ptr<T>());
     src.reset();
     // 5. box adjoint, ReLU mask, BN backward
     std::vector<T> sum_g(pb.C, T(0)), sum_gx(pb.C, T(0));
