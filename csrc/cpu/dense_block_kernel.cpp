@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -66,6 +67,147 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, scalar_t 
   } else {
     out.mul_(beta).add_(at::mm(op_a, op_b), alpha);
   }
+}
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// Row kernels: one contiguous row of a channel (len positions). The float versions are vectorized explicitly
+// (GCC vector extensions; sums in float lanes over blocks of kSumBlock, then in double) and compiled for AVX-512,
+// AVX2 and the baseline, picked at load time (target_clones); the double versions (tests) are plain loops.
+// ---------------------------------------------------------------------------------------------------------------
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define T3D_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define T3D_CLONES
+#endif
+
+typedef float v16f __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+constexpr int64_t kSumBlock = 1024;
+
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+inline v16f splat16(float s) { return v16f{} + s; }
+inline float hsum16(v16f v) {
+  float s = 0;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// out = relu(in * s + t)
+T3D_CLONES void row_bn_relu(const float* in, float* out, int64_t len, float s, float t) {
+  const v16f sv = splat16(s), tv = splat16(t), zero = v16f{};
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+    const v16f v = load16(in + j) * sv + tv;
+    store16(out + j, v > zero ? v : zero);
+  }
+  for (; j < len; ++j) out[j] = dense::bn_relu(in[j], s, t);
+}
+template <typename T>
+void row_bn_relu(const T* in, T* out, int64_t len, T s, T t) {
+  for (int64_t j = 0; j < len; ++j) out[j] = dense::bn_relu(in[j], s, t);
+}
+
+// sum of the row, or with `center` the sum of squared deviations from it
+T3D_CLONES double row_sum(const float* in, int64_t len, bool centered, double center) {
+  const float c = float(center);
+  const v16f cv = splat16(c);
+  double total = 0;
+  int64_t j = 0;
+  while (j < len) {
+    const int64_t end = std::min(len, j + kSumBlock);
+    v16f acc = v16f{};
+    float tail = 0;
+    for (; j + kLanes <= end; j += kLanes) {
+      const v16f v = load16(in + j);
+      if (centered) {
+        const v16f d = v - cv;
+        acc += d * d;
+      } else {
+        acc += v;
+      }
+    }
+    for (; j < end; ++j) tail += centered ? (in[j] - c) * (in[j] - c) : in[j];
+    total += double(hsum16(acc)) + double(tail);
+  }
+  return total;
+}
+template <typename T>
+double row_sum(const T* in, int64_t len, bool centered, double center) {
+  double total = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    const double d = double(in[j]) - (centered ? center : 0.0);
+    total += centered ? d * d : d;
+  }
+  return total;
+}
+
+// gp = g where x * s + t > 0 (else 0); sums of gp and gp * (x - center) added to sum_g, sum_gx (centered, so the
+// sum of gp * xhat needs no cancelling subtraction). With `dst` (conv1's backward) also dst += s * gp.
+T3D_CLONES void row_masked_sums(const float* g, const float* x, float* dst, int64_t len, float s, float t,
+                                float center, double& sum_g, double& sum_gx) {
+  const v16f sv = splat16(s), tv = splat16(t), cv = splat16(center), zero = v16f{};
+  int64_t j = 0;
+  while (j < len) {
+    const int64_t end = std::min(len, j + kSumBlock);
+    v16f a1 = v16f{}, a2 = v16f{};
+    float t1 = 0, t2 = 0;
+    for (; j + kLanes <= end; j += kLanes) {
+      const v16f xv = load16(x + j);
+      const v16f gp = xv * sv + tv > zero ? load16(g + j) : zero;
+      if (dst) store16(dst + j, load16(dst + j) + sv * gp);
+      a1 += gp;
+      a2 += gp * (xv - cv);
+    }
+    for (; j < end; ++j) {
+      const float gp = dense::relu_grad(g[j], x[j], s, t);
+      if (dst) dst[j] += s * gp;
+      t1 += gp;
+      t2 += gp * (x[j] - center);
+    }
+    sum_g += double(hsum16(a1)) + double(t1);
+    sum_gx += double(hsum16(a2)) + double(t2);
+  }
+}
+template <typename T>
+void row_masked_sums(const T* g, const T* x, T* dst, int64_t len, T s, T t, T center, double& sum_g,
+                     double& sum_gx) {
+  for (int64_t j = 0; j < len; ++j) {
+    const T gp = dense::relu_grad(g[j], x[j], s, t);
+    if (dst) dst[j] += s * gp;
+    sum_g += double(gp);
+    sum_gx += double(gp) * (double(x[j]) - double(center));
+  }
+}
+
+// g = s * (g where h * s + t > 0) + alpha + beta * h  (BN-ReLU backward, in place)
+T3D_CLONES void row_bn_backward(float* g, const float* h, int64_t len, float s, float t, float alpha, float beta) {
+  const v16f sv = splat16(s), tv = splat16(t), av = splat16(alpha), bv = splat16(beta), zero = v16f{};
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) {
+    const v16f hv = load16(h + j);
+    const v16f gp = hv * sv + tv > zero ? load16(g + j) : zero;
+    store16(g + j, sv * gp + av + bv * hv);
+  }
+  for (; j < len; ++j) g[j] = s * dense::relu_grad(g[j], h[j], s, t) + alpha + beta * h[j];
+}
+template <typename T>
+void row_bn_backward(T* g, const T* h, int64_t len, T s, T t, T alpha, T beta) {
+  for (int64_t j = 0; j < len; ++j) g[j] = s * dense::relu_grad(g[j], h[j], s, t) + alpha + beta * h[j];
+}
+
+// out = src + a + b * y  (a pending BN correction applied)
+T3D_CLONES void row_affine_add(const float* src, const float* y, float* out, int64_t len, float a, float b) {
+  for (int64_t j = 0; j < len; ++j) out[j] = src[j] + a + b * y[j];
+}
+template <typename T>
+void row_affine_add(const T* src, const T* y, T* out, int64_t len, T a, T b) {
+  for (int64_t j = 0; j < len; ++j) out[j] = src[j] + a + b * y[j];
 }
 
 struct Geometry {
@@ -140,25 +282,12 @@ template <typename scalar_t>
 void channel_stats(const scalar_t* y, const Geometry& g, int64_t c_begin, int64_t c_end, double* mean, double* var) {
   at::parallel_for(c_begin, c_end, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
-      double sum = 0;
-      for (int64_t n = 0; n < g.N; ++n) {
-        const scalar_t* p = y + (n * g.Ctot + c) * g.P;
-        double s = 0;
-        for (int64_t j = 0; j < g.P; ++j) s += p[j];
-        sum += s;
-      }
       const double count = double(g.N * g.P);
+      double sum = 0;
+      for (int64_t n = 0; n < g.N; ++n) sum += row_sum(y + (n * g.Ctot + c) * g.P, g.P, false, 0.0);
       const double m = sum / count;
       double m2 = 0;
-      for (int64_t n = 0; n < g.N; ++n) {
-        const scalar_t* p = y + (n * g.Ctot + c) * g.P;
-        double s = 0;
-        for (int64_t j = 0; j < g.P; ++j) {
-          const double d = double(p[j]) - m;
-          s += d * d;
-        }
-        m2 += s;
-      }
+      for (int64_t n = 0; n < g.N; ++n) m2 += row_sum(y + (n * g.Ctot + c) * g.P, g.P, true, m);
       mean[c] = m;
       var[c] = m2 / count;
     }
@@ -181,10 +310,7 @@ void bn_relu_conv1x1(const scalar_t* y, const Geometry& g, int64_t cin, const Fo
       const int64_t len = std::min(pc, g.P - p0);
       const scalar_t* src = y + n * g.Ctot * g.P + p0;
       for (int64_t c = 0; c < cin; ++c) {
-        const scalar_t s = bn.scale[c], t = bn.shift[c];
-        const scalar_t* in = src + c * g.P;
-        scalar_t* out = a.data() + c * len;
-        for (int64_t j = 0; j < len; ++j) out[j] = dense::bn_relu(in[j], s, t);
+        row_bn_relu(src + c * g.P, a.data() + c * len, len, bn.scale[c], bn.shift[c]);
       }
       scalar_t* hc = h + n * bott * g.P + p0;
       // row-major h_chunk (bott x len, ld P) = W1 (bott x cin) @ a (cin x len), as column-major h^T = a^T W1^T
@@ -193,16 +319,9 @@ void bn_relu_conv1x1(const scalar_t* y, const Geometry& g, int64_t cin, const Fo
         double* st = chunk_stats->data() + chunk * bott * 2;
         for (int64_t b = 0; b < bott; ++b) {
           const scalar_t* row = hc + b * g.P;
-          double s = 0;
-          for (int64_t j = 0; j < len; ++j) s += row[j];
-          const double m = s / double(len);
-          double m2 = 0;
-          for (int64_t j = 0; j < len; ++j) {
-            const double d = double(row[j]) - m;
-            m2 += d * d;
-          }
+          const double m = row_sum(row, len, false, 0.0) / double(len);
           st[2 * b] = m;
-          st[2 * b + 1] = m2;
+          st[2 * b + 1] = row_sum(row, len, true, m);
         }
       }
     }
@@ -232,10 +351,7 @@ void bn_relu_apply(const scalar_t* h, scalar_t* z, const Geometry& g, int64_t bo
   at::parallel_for(0, g.N * bott, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row % bott;
-      const scalar_t s = bn.scale[b], t = bn.shift[b];
-      const scalar_t* in = h + row * g.P;
-      scalar_t* out = z + row * g.P;
-      for (int64_t j = 0; j < g.P; ++j) out[j] = dense::bn_relu(in[j], s, t);
+      row_bn_relu(h + row * g.P, z + row * g.P, g.P, bn.scale[b], bn.shift[b]);
     }
   });
 }
@@ -388,11 +504,8 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
       at::parallel_for(0, g.N * k, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           const int64_t n = row / k, c = cin + row % k;
-          const scalar_t a = scalar_t(corr_a[c]), b = scalar_t(corr_b[c]);
-          const scalar_t* src = gp_buf + (n * g.Ctot + c) * g.P;
-          const scalar_t* yy = yp + (n * g.Ctot + c) * g.P;
-          scalar_t* out = go + row * g.P;
-          for (int64_t j = 0; j < g.P; ++j) out[j] = src[j] + a + b * yy[j];
+          row_affine_add(gp_buf + (n * g.Ctot + c) * g.P, yp + (n * g.Ctot + c) * g.P, go + row * g.P, g.P,
+                         scalar_t(corr_a[c]), scalar_t(corr_b[c]));
         }
       });
     }
@@ -422,27 +535,17 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
           const double mu = bn2.mean[b], inv = double(bn2.invstd[b]);
           double sg = 0, sgx = 0;
           for (int64_t n = 0; n < g.N; ++n) {
-            const scalar_t* hh = hp + (n * bott + b) * g.P;
-            const scalar_t* gg = gz + (n * bott + b) * g.P;
-            double a1 = 0, a2 = 0;
-            for (int64_t j = 0; j < g.P; ++j) {
-              const scalar_t gpv = dense::relu_grad(gg[j], hh[j], s, t);
-              a1 += gpv;
-              a2 += double(gpv) * double(hh[j]);
-            }
-            sg += a1;
-            sgx += a2;
+            row_masked_sums(gz + (n * bott + b) * g.P, hp + (n * bott + b) * g.P, static_cast<scalar_t*>(nullptr),
+                            g.P, s, t, scalar_t(mu), sg, sgx);
           }
-          sgx = (sgx - mu * sg) * inv;  // sum gp * xhat
+          sgx *= inv;  // sum gp * xhat
           sum_g2[b] = sg;
           sum_gx2[b] = sgx;
           double alpha = 0, beta = 0;
           if (training) dense::bn_backward_affine<double>(s, inv, mu, sg, sgx, count, alpha, beta);
           const scalar_t al = scalar_t(alpha), be = scalar_t(beta);
           for (int64_t n = 0; n < g.N; ++n) {
-            const scalar_t* hh = hp + (n * bott + b) * g.P;
-            scalar_t* gg = gz + (n * bott + b) * g.P;
-            for (int64_t j = 0; j < g.P; ++j) gg[j] = s * dense::relu_grad(gg[j], hh[j], s, t) + al + be * hh[j];
+            row_bn_backward(gz + (n * bott + b) * g.P, hp + (n * bott + b) * g.P, g.P, s, t, al, be);
           }
         }
       });
@@ -468,10 +571,7 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
         const int64_t len = std::min(pc, g.P - p0);
         const scalar_t* src = yp + n * g.Ctot * g.P + p0;
         for (int64_t c = 0; c < cin; ++c) {
-          const scalar_t s = bn1.scale[c], t = bn1.shift[c];
-          const scalar_t* in = src + c * g.P;
-          scalar_t* out = a.data() + c * len;
-          for (int64_t j = 0; j < len; ++j) out[j] = dense::bn_relu(in[j], s, t);
+          row_bn_relu(src + c * g.P, a.data() + c * len, len, bn1.scale[c], bn1.shift[c]);
         }
         const scalar_t* gh = ghp + n * bott * g.P + p0;
         // ga (cin x len) = W1^T (cin x bott) @ gh (bott x len)
@@ -480,19 +580,8 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
         gemm<scalar_t>(true, false, cin, bott, len, scalar_t(1), a.data(), len, gh, g.P, scalar_t(1), gw1, cin);
         scalar_t* gdst = gp_buf + n * g.Ctot * g.P + p0;
         for (int64_t c = 0; c < cin; ++c) {
-          const scalar_t s = bn1.scale[c], t = bn1.shift[c];
-          const scalar_t* in = src + c * g.P;
-          const scalar_t* gac = ga.data() + c * len;
-          scalar_t* gd = gdst + c * g.P;
-          double a1 = 0, a2 = 0;
-          for (int64_t j = 0; j < len; ++j) {
-            const scalar_t gpv = dense::relu_grad(gac[j], in[j], s, t);
-            gd[j] += s * gpv;
-            a1 += gpv;
-            a2 += double(gpv) * double(in[j]);
-          }
-          sg[c] += a1;
-          sgx[c] += a2;
+          row_masked_sums(ga.data() + c * len, src + c * g.P, gdst + c * g.P, len, bn1.scale[c], bn1.shift[c],
+                          scalar_t(bn1.mean[c]), sg[c], sgx[c]);
         }
       }
     });
@@ -512,7 +601,7 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
       }
       const double mu = bn1.mean[c], inv = double(bn1.invstd[c]);
       sum_g1[c] = sg;
-      sum_gx1[c] = (sx - mu * sg) * inv;
+      sum_gx1[c] = sx * inv;
       if (training) {
         double alpha, beta;
         dense::bn_backward_affine<double>(bn1.scale[c], inv, mu, sg, sum_gx1[c], count, alpha, beta);
@@ -530,11 +619,8 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
   at::parallel_for(0, g.N * g.C0, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.C0, c = row % g.C0;
-      const scalar_t a = scalar_t(corr_a[c]), b = scalar_t(corr_b[c]);
-      const scalar_t* src = gp_buf + (n * g.Ctot + c) * g.P;
-      const scalar_t* yy = yp + (n * g.Ctot + c) * g.P;
-      scalar_t* out = gx + row * g.P;
-      for (int64_t j = 0; j < g.P; ++j) out[j] = src[j] + a + b * yy[j];
+      row_affine_add(gp_buf + (n * g.Ctot + c) * g.P, yp + (n * g.Ctot + c) * g.P, gx + row * g.P, g.P,
+                     scalar_t(corr_a[c]), scalar_t(corr_b[c]));
     }
   });
   return {grad_x, g_bn1_w, g_bn1_b, g_conv1, g_bn2_w, g_bn2_b, g_conv2};

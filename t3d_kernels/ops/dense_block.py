@@ -519,6 +519,9 @@ def dense_block(
     """
     _check_args(x, layers)
     name = resolve("dense_block", backend, x.device)
+    if backend == "auto" and name in ("cpu", "cuda") and x.dtype not in (torch.float32, torch.float64):
+        # the C++/CUDA kernels take float32/float64; other dtypes (fp16, bf16) run the same algorithm in torch ops
+        name = "composite"
     if name == "reference":
         from .. import reference
 
