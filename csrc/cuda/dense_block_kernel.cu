@@ -6,8 +6,11 @@
 // correction per channel. GEMMs are cuBLAS (at::matmul) and the 3x3x3 conv cuDNN (at::convolution[_backward]);
 // the normalized prefix of a layer is a transient buffer freed right after its GEMM (the Triton backend fuses
 // the normalization into its GEMM's load instead).
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
+// Only core torch headers (not ATen/cuda: those need the whole CUDA toolkit, cuSPARSE included, to compile).
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <cuda_runtime.h>
 #include <torch/extension.h>
 
 #include <vector>
@@ -19,6 +22,16 @@ namespace t3d {
 namespace {
 
 constexpr int kThreads = 256;
+
+void check_launch() {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "dense block CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+cudaStream_t current_stream(const c10::Device& device) {
+  const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+  return static_cast<cudaStream_t>(impl->getStream(device).native_handle());
+}
 
 int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)); }
 
@@ -210,7 +223,7 @@ void fold(const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mea
   scale = at::empty({C}, gamma.options());
   shift = at::empty_like(scale);
   invstd = at::empty_like(scale);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = current_stream(gamma.device());
   auto g = gamma.contiguous(), b = beta.contiguous();
   fold_kernel<scalar_t><<<blocks_for(C), kThreads, 0, stream>>>(
       g.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), mean.data_ptr<double>(), var.data_ptr<double>(), eps, C,
@@ -222,11 +235,11 @@ template <typename scalar_t>
 at::Tensor bn_relu_conv1x1(const at::Tensor& y, const Layout& l, int64_t cin, const at::Tensor& scale,
                            const at::Tensor& shift, const at::Tensor& w1, at::Tensor* normalized = nullptr) {
   auto a = at::empty({l.N, cin, l.P}, y.options());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = current_stream(y.device());
   bn_relu_kernel<scalar_t><<<blocks_for(a.numel()), kThreads, 0, stream>>>(
       y.data_ptr<scalar_t>(), l.Ctot * l.P, a.data_ptr<scalar_t>(), l.N, cin, l.P, scale.data_ptr<scalar_t>(),
       shift.data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch();
   auto h = at::matmul(w1.reshape({w1.size(0), cin}), a).view({l.N, w1.size(0), l.T, l.H, l.W});
   if (normalized) *normalized = a;
   return h;
@@ -238,7 +251,7 @@ DenseForward forward_impl(const at::Tensor& x, const TensorList& bn1_weight, con
                           const TensorList& bn2_weight, const TensorList& bn2_bias, const TensorList& bn2_mean,
                           const TensorList& bn2_var, const TensorList& conv2_weight, bool training, double eps) {
   const Layout l = make_layout(x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), conv1_weight, conv2_weight);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = current_stream(x.device());
   auto y = at::empty({l.N, l.Ctot, l.T, l.H, l.W}, x.options().memory_format(at::MemoryFormat::Contiguous));
   y.narrow(1, 0, l.C0).copy_(x);
   auto dopt = x.options().dtype(at::kDouble);
@@ -255,7 +268,7 @@ DenseForward forward_impl(const at::Tensor& x, const TensorList& bn1_weight, con
     channel_stats_kernel<scalar_t><<<l.C0, kThreads, 0, stream>>>(y.data_ptr<scalar_t>(), l.N, l.P, l.Ctot * l.P,
                                                                    chan_mean.data_ptr<double>(),
                                                                    chan_var.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
   }
   at::Tensor run1m = training ? at::Tensor() : cat(bn1_mean), run1v = training ? at::Tensor() : cat(bn1_var);
   at::Tensor run2m = training ? at::Tensor() : cat(bn2_mean), run2v = training ? at::Tensor() : cat(bn2_var);
@@ -265,14 +278,14 @@ DenseForward forward_impl(const at::Tensor& x, const TensorList& bn1_weight, con
     at::Tensor v1 = training ? chan_var.narrow(0, 0, cin).clone() : run1v.narrow(0, l.off1[i], cin);
     at::Tensor scale1, shift1, invstd1, scale2, shift2, invstd2;
     fold<scalar_t>(bn1_weight[i], bn1_bias[i], m1, v1, eps, scale1, shift1, invstd1);
-    auto h = bn_relu_conv1x1<scalar_t>(y, l, cin, scale1, shift1, conv1_weight[i]).contiguous();
+    at::Tensor h = bn_relu_conv1x1<scalar_t>(y, l, cin, scale1, shift1, conv1_weight[i]).contiguous();
     at::Tensor m2, v2;
     if (training) {
       m2 = at::empty({bott}, dopt);
       v2 = at::empty({bott}, dopt);
       channel_stats_kernel<scalar_t><<<bott, kThreads, 0, stream>>>(h.data_ptr<scalar_t>(), l.N, l.P, bott * l.P,
                                                                      m2.data_ptr<double>(), v2.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      check_launch();
       m1s.push_back(m1);
       v1s.push_back(v1);
       m2s.push_back(m2);
@@ -285,7 +298,7 @@ DenseForward forward_impl(const at::Tensor& x, const TensorList& bn1_weight, con
     bn_relu_kernel<scalar_t><<<blocks_for(h.numel()), kThreads, 0, stream>>>(
         h.data_ptr<scalar_t>(), bott * l.P, h.data_ptr<scalar_t>(), l.N, bott, l.P, scale2.data_ptr<scalar_t>(),
         shift2.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
     const std::vector<int64_t> one{1, 1, 1};
     auto out = at::convolution(h, conv2_weight[i], {}, one, same_padding(conv2_weight[i]), one, false, {0, 0, 0}, 1);
     y.narrow(1, cin, k).copy_(out);
@@ -293,7 +306,7 @@ DenseForward forward_impl(const at::Tensor& x, const TensorList& bn1_weight, con
       channel_stats_kernel<scalar_t><<<k, kThreads, 0, stream>>>(
           y.data_ptr<scalar_t>() + cin * l.P, l.N, l.P, l.Ctot * l.P, chan_mean.data_ptr<double>() + cin,
           chan_var.data_ptr<double>() + cin);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      check_launch();
     }
   }
   auto dt = x.scalar_type();
@@ -312,7 +325,7 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
   for (const auto& w : conv2_weight) c0 -= w.size(0);
   const Layout l = make_layout(y.size(0), c0, y.size(2), y.size(3), y.size(4), conv1_weight, conv2_weight);
   const int64_t L = static_cast<int64_t>(conv1_weight.size());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = current_stream(y.device());
   auto G = at::empty_like(y);
   G.copy_(grad_y);
   auto dopt = y.options().dtype(at::kDouble);
@@ -328,19 +341,19 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
     apply_corrections_kernel<scalar_t><<<blocks_for(gout.numel()), kThreads, 0, stream>>>(
         G.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), l.N, k, l.P, l.Ctot * l.P, cin, corr_a.data_ptr<double>(),
         corr_b.data_ptr<double>(), gout.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
     auto m1 = mean1.narrow(0, l.off1[i], cin), v1 = var1.narrow(0, l.off1[i], cin);
     auto m2 = mean2.narrow(0, l.off2[i], bott), v2 = var2.narrow(0, l.off2[i], bott);
     at::Tensor scale1, shift1, invstd1, scale2, shift2, invstd2;
     fold<scalar_t>(bn1_weight[i], bn1_bias[i], m1, v1, eps, scale1, shift1, invstd1);
     fold<scalar_t>(bn2_weight[i], bn2_bias[i], m2, v2, eps, scale2, shift2, invstd2);
     at::Tensor a;
-    auto h = bn_relu_conv1x1<scalar_t>(y, l, cin, scale1, shift1, conv1_weight[i], &a).contiguous();
+    at::Tensor h = bn_relu_conv1x1<scalar_t>(y, l, cin, scale1, shift1, conv1_weight[i], &a).contiguous();
     auto z2 = at::empty_like(h);
     bn_relu_kernel<scalar_t><<<blocks_for(h.numel()), kThreads, 0, stream>>>(
         h.data_ptr<scalar_t>(), bott * l.P, z2.data_ptr<scalar_t>(), l.N, bott, l.P, scale2.data_ptr<scalar_t>(),
         shift2.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
     auto r = at::convolution_backward(gout, z2, conv2_weight[i], c10::nullopt, one, same_padding(conv2_weight[i]),
                                       one, false, {0, 0, 0}, 1, {true, true, false});
     z2.reset();
@@ -352,7 +365,7 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
                                                                  l.N, bott, l.P, scale2.data_ptr<scalar_t>(),
                                                                  shift2.data_ptr<scalar_t>(), sg.data_ptr<double>(),
                                                                  sgh.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
     g_bn2_w[i] = at::empty({bott}, y.options());
     g_bn2_b[i] = at::empty({bott}, y.options());
     auto alpha2 = at::empty({bott}, dopt), beta2 = at::empty({bott}, dopt);
@@ -360,12 +373,12 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
         sg.data_ptr<double>(), sgh.data_ptr<double>(), m2.data_ptr<double>(), scale2.data_ptr<scalar_t>(),
         invstd2.data_ptr<scalar_t>(), bott, count, training, g_bn2_w[i].data_ptr<scalar_t>(),
         g_bn2_b[i].data_ptr<scalar_t>(), alpha2.data_ptr<double>(), beta2.data_ptr<double>(), false);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
     auto grad_h = at::empty_like(h);
     bn_bwd_apply_kernel<scalar_t><<<blocks_for(h.numel()), kThreads, 0, stream>>>(
         grad_z2.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), l.N, bott, l.P, scale2.data_ptr<scalar_t>(),
         shift2.data_ptr<scalar_t>(), alpha2.data_ptr<double>(), beta2.data_ptr<double>(), grad_h.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
     h.reset();
     grad_z2.reset();
     // conv1 backward (cuBLAS) and BN1 backward's local term; its correction joins the pending ones
@@ -378,20 +391,20 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
     conv1_bn_bwd_local_kernel<scalar_t><<<cin, kThreads, 0, stream>>>(
         ga.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(), l.N, cin, l.P, l.Ctot * l.P,
         scale1.data_ptr<scalar_t>(), shift1.data_ptr<scalar_t>(), s1.data_ptr<double>(), sx1.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
     g_bn1_w[i] = at::empty({cin}, y.options());
     g_bn1_b[i] = at::empty({cin}, y.options());
     bn_bwd_finish_kernel<scalar_t><<<blocks_for(cin), kThreads, 0, stream>>>(
         s1.data_ptr<double>(), sx1.data_ptr<double>(), m1.data_ptr<double>(), scale1.data_ptr<scalar_t>(),
         invstd1.data_ptr<scalar_t>(), cin, count, training, g_bn1_w[i].data_ptr<scalar_t>(),
         g_bn1_b[i].data_ptr<scalar_t>(), corr_a.data_ptr<double>(), corr_b.data_ptr<double>(), true);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch();
   }
   auto grad_x = at::empty({l.N, l.C0, l.T, l.H, l.W}, y.options());
   apply_corrections_kernel<scalar_t><<<blocks_for(grad_x.numel()), kThreads, 0, stream>>>(
       G.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), l.N, l.C0, l.P, l.Ctot * l.P, 0, corr_a.data_ptr<double>(),
       corr_b.data_ptr<double>(), grad_x.data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch();
   return {grad_x, g_bn1_w, g_bn1_b, g_conv1, g_bn2_w, g_bn2_b, g_conv2};
 }
 
@@ -406,7 +419,7 @@ DenseForward dense_block_forward_cuda(const at::Tensor& x, const TensorList& bn1
   check_dense_block_inputs(x, bn1_weight, bn1_bias, conv1_weight, bn2_weight, bn2_bias, conv2_weight);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "x: the CUDA dense block kernel takes float32 or float64, got ", x.scalar_type());
-  c10::cuda::CUDAGuard guard(x.device());
+  c10::DeviceGuard guard(x.device());
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dense_block_forward_cuda", [&] {
     return forward_impl<scalar_t>(x, bn1_weight, bn1_bias, bn1_mean, bn1_var, conv1_weight, bn2_weight, bn2_bias,
                                   bn2_mean, bn2_var, conv2_weight, training, eps);
@@ -422,7 +435,7 @@ DenseGrads dense_block_backward_cuda(const at::Tensor& grad_y, const at::Tensor&
   TORCH_CHECK(grad_y.sizes() == y.sizes(), "grad_y: expected shape ", y.sizes(), ", got ", grad_y.sizes());
   TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble,
               "y: the CUDA dense block kernel takes float32 or float64, got ", y.scalar_type());
-  c10::cuda::CUDAGuard guard(y.device());
+  c10::DeviceGuard guard(y.device());
   return AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "dense_block_backward_cuda", [&] {
     return backward_impl<scalar_t>(grad_y, y, mean1, var1, mean2, var2, bn1_weight, bn1_bias, conv1_weight,
                                    bn2_weight, bn2_bias, conv2_weight, training, eps);
