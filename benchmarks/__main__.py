@@ -290,6 +290,9 @@ def run(args: argparse.Namespace) -> int:
     }
     roofs: dict[str, float] = {}
     rows: list[dict[str, Any]] = list(skipped)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out: Path = args.out
+    meta["complete"] = False
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -305,13 +308,14 @@ def run(args: argparse.Namespace) -> int:
                 run_cases([case], cfg, progress=lambda msg: progress.update(task, description=msg), roofs=roofs)
             )
             progress.advance(task)
+            # the rows so far, so that an interrupted run keeps them ("complete": false in its meta)
+            write_json(out / f"bench-{stamp}.json", rows, meta | {"roofs_gflops": roofs})
     meta["roofs_gflops"] = roofs
+    meta["complete"] = True
     meta["load_avg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     if not args.no_table:
         print_table(rows, console)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out: Path = args.out
     written = [
         write_json(out / f"bench-{stamp}.json", rows, meta),
         write_csv(out / f"bench-{stamp}.csv", rows),

@@ -55,7 +55,7 @@ def model_flops(arch: str, clip: tuple[int, int, int, int]) -> float:
 
 
 def _mode_fn(model: torch.nn.Module, x: torch.Tensor, call=None):
-    call = call or model
+    call = model if call is None else call  # not `call or model`: a module's truth value would call len()
 
     def fn(training: bool) -> torch.Tensor:
         model.train(training)

@@ -20,8 +20,9 @@ plus the tensors its gradients are taken for (``grad_tensors``: the input and th
 runs every pass of ``cfg.passes`` for every contender:
 
 - ``forward``: ``fn(False)`` under ``torch.no_grad()`` (inference).
-- ``backward``: ``y = fn(True)`` outside the timed region, then ``torch.autograd.grad(y, grad_tensors, dy)``
-  timed alone (the forward is recomputed before every repeat; nothing is retained).
+- ``backward``: ``y = fn(True)`` once, in the untimed first call, then ``torch.autograd.grad(y, grad_tensors,
+  dy, retain_graph=True)`` timed alone, repeated over the retained graph ("compile" contenders, whose compiled
+  backward refuses retain_graph: a fresh forward before every call, outside the timed region).
 - ``train``: ``fn(True)`` then the same ``torch.autograd.grad``, timed together (a training step minus the
   optimizer).
 
@@ -408,13 +409,13 @@ def pass_runner(contender: Contender, pass_: str, grad_out: dict[str, torch.Tens
     docstring for what each pass times. ``grad_out`` caches the output gradient shared by a case's contenders."""
     fn, tensors = contender.fn, list(contender.grad_tensors)
 
-    def backward(y: torch.Tensor) -> Any:
+    def backward(y: torch.Tensor, retain_graph: bool = False) -> Any:
         dy = grad_out.get("dy")
         if dy is None or dy.shape != y.shape:
             # one fixed output gradient per case, shared by all contenders
             gen = torch.Generator(device="cpu").manual_seed(1)
             dy = grad_out["dy"] = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
-        return torch.autograd.grad(y, tensors, dy, allow_unused=True)
+        return torch.autograd.grad(y, tensors, dy, retain_graph=retain_graph, allow_unused=True)
 
     if pass_ == "forward":
 
@@ -423,8 +424,21 @@ def pass_runner(contender: Contender, pass_: str, grad_out: dict[str, torch.Tens
                 return fn(False)
 
         return None, run_forward
-    if pass_ == "backward":
+    if pass_ == "backward" and contender.kind == "compile":
+        # a compiled backward donates its buffers and refuses retain_graph: a fresh forward before every call,
+        # outside the timed region
         return (lambda: _first(fn(True))), backward
+    if pass_ == "backward":
+        # one forward (in the untimed first call), then the backward repeated over the retained graph: the
+        # same work as a fresh graph's backward, without paying a forward per repeat
+        graph: dict[str, torch.Tensor] = {}
+
+        def backward_retained() -> Any:
+            if "y" not in graph:
+                graph["y"] = _first(fn(True))
+            return backward(graph["y"], retain_graph=True)
+
+        return None, backward_retained
     return None, (lambda: backward(_first(fn(True))))
 
 

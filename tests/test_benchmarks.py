@@ -40,6 +40,7 @@ def test_cli_tiny_run_writes_json_csv_png(tmp_path, capsys):
     result = json.loads((tmp_path / "latest.json").read_text())
     rows = result["rows"]
     assert {"machine", "config", "command", "roofs_gflops"} <= set(result["meta"])
+    assert result["meta"]["complete"] is True
     assert result["meta"]["machine"]["threads"] == torch.get_num_threads()
     assert {(r["pass"], r["contender"]) for r in rows} >= {
         ("forward", "eager"),
