@@ -31,28 +31,34 @@ _BLOCK_M = 32  # output-channel tile of the GEMMs
 _BLOCK_K = 32  # reduction tile of the GEMMs
 _BLOCK_STATS = 256
 
+# Tests set this to force the split-K path of the conv1 weight gradient on tiny shapes; None = heuristic.
+_split_override: int | None = None
+
 
 @triton.jit
-def _channel_stats_kernel(x_ptr, mean_ptr, m2_ptr, N, P, stride_n, stride_c, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
+def _channel_stats_kernel(x_ptr, part_ptr, P, SPLIT, stride_n, stride_c, BLOCK: tl.constexpr):
+    # one program per (channel, sample, slice of SPLIT positions): its count, mean and M2 (two passes over the
+    # slice), merged by the caller (Chan et al.) in float64
+    c, n, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs = tl.arange(0, BLOCK)
+    base = x_ptr + n * stride_n + c * stride_c
+    p_begin = k * SPLIT
+    p_end = tl.minimum(p_begin + SPLIT, P)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for n in range(0, N):
-        base = x_ptr + n * stride_n + c * stride_c
-        for p0 in range(0, P, BLOCK):
-            v = tl.load(base + p0 + offs, mask=p0 + offs < P, other=0.0)
-            acc += v.to(tl.float32)
-    count = N * P
+    for p0 in range(p_begin, p_end, BLOCK):
+        v = tl.load(base + p0 + offs, mask=p0 + offs < p_end, other=0.0)
+        acc += v.to(tl.float32)
+    count = (p_end - p_begin).to(tl.float32)
     mean = tl.sum(acc, axis=0) / count
     acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for n in range(0, N):
-        base = x_ptr + n * stride_n + c * stride_c
-        for p0 in range(0, P, BLOCK):
-            m = p0 + offs < P
-            d = tl.where(m, tl.load(base + p0 + offs, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
-            acc2 += d * d
-    tl.store(mean_ptr + c, mean)
-    tl.store(m2_ptr + c, tl.sum(acc2, axis=0))
+    for p0 in range(p_begin, p_end, BLOCK):
+        m = p0 + offs < p_end
+        d = tl.where(m, tl.load(base + p0 + offs, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
+        acc2 += d * d
+    row = (c * tl.num_programs(1) + n) * tl.num_programs(2) + k
+    tl.store(part_ptr + row * 3, count)
+    tl.store(part_ptr + row * 3 + 1, mean)
+    tl.store(part_ptr + row * 3 + 2, tl.sum(acc2, axis=0))
 
 
 @triton.jit
@@ -105,27 +111,27 @@ def _bn_relu_kernel(h_ptr, scale_ptr, shift_ptr, out_ptr, C, P, BLOCK: tl.conste
 
 
 @triton.jit
-def _bn_relu_bwd_sums_kernel(
-    g_ptr, h_ptr, scale_ptr, shift_ptr, mean_ptr, sg_ptr, sgh_ptr, N, C, P, BLOCK: tl.constexpr
-):
-    c = tl.program_id(0)
+def _bn_relu_bwd_sums_kernel(g_ptr, h_ptr, scale_ptr, shift_ptr, mean_ptr, part_ptr, C, P, SPLIT, BLOCK: tl.constexpr):
+    # one program per (channel, sample, slice of SPLIT positions); partial sums reduced by the caller in float64
+    c, n, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     s = tl.load(scale_ptr + c)
     t = tl.load(shift_ptr + c)
     mu = tl.load(mean_ptr + c)
     offs = tl.arange(0, BLOCK)
+    base = (n * C + c) * P
+    p_end = tl.minimum(k * SPLIT + SPLIT, P)
     a1 = tl.zeros([BLOCK], dtype=tl.float32)
     a2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for n in range(0, N):
-        base = (n * C + c) * P
-        for p0 in range(0, P, BLOCK):
-            m = p0 + offs < P
-            h = tl.load(h_ptr + base + p0 + offs, mask=m, other=0.0)
-            g = tl.load(g_ptr + base + p0 + offs, mask=m, other=0.0)
-            gp = tl.where(m & (h * s + t > 0), g, 0.0)
-            a1 += gp
-            a2 += gp * (h - mu)  # centered: sum gp * xhat with no cancelling subtraction
-    tl.store(sg_ptr + c, tl.sum(a1, axis=0))
-    tl.store(sgh_ptr + c, tl.sum(a2, axis=0))
+    for p0 in range(k * SPLIT, p_end, BLOCK):
+        m = p0 + offs < p_end
+        h = tl.load(h_ptr + base + p0 + offs, mask=m, other=0.0)
+        g = tl.load(g_ptr + base + p0 + offs, mask=m, other=0.0)
+        gp = tl.where(m & (h * s + t > 0), g, 0.0)
+        a1 += gp
+        a2 += gp * (h - mu)  # centered: sum gp * xhat with no cancelling subtraction
+    row = (c * tl.num_programs(1) + n) * tl.num_programs(2) + k
+    tl.store(part_ptr + row * 2, tl.sum(a1, axis=0))
+    tl.store(part_ptr + row * 2 + 1, tl.sum(a2, axis=0))
 
 
 @triton.jit
@@ -207,6 +213,7 @@ def _conv1x1_wgrad_kernel(
     C,
     B,
     P,
+    STEPS_PER_SPLIT,
     stride_gn,
     stride_xn,
     stride_xc,
@@ -214,7 +221,11 @@ def _conv1x1_wgrad_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    pid_b, pid_c = tl.program_id(0), tl.program_id(1)
+    # split-K over the (sample, position block) steps: program k covers steps [k*S, (k+1)*S) and writes its own
+    # partial (no atomics; the caller sums the partials in float64)
+    pid_b, pid_c, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    blocks_p = tl.cdiv(P, BLOCK_P)
+    step_end = tl.minimum((k + 1) * STEPS_PER_SPLIT, N * blocks_p)
     offs_b = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
     mb = offs_b < B
@@ -222,20 +233,26 @@ def _conv1x1_wgrad_kernel(
     s = tl.load(scale_ptr + offs_c, mask=mc, other=0.0)
     t = tl.load(shift_ptr + offs_c, mask=mc, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for n in range(0, N):
-        for p0 in range(0, P, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            mp = offs_p < P
-            gh = tl.load(
-                gh_ptr + n * stride_gn + offs_b[:, None] * P + offs_p[None, :],
-                mask=mb[:, None] & mp[None, :],
-                other=0.0,
-            )
-            m = mp[:, None] & mc[None, :]
-            x = tl.load(x_ptr + n * stride_xn + offs_c[None, :] * stride_xc + offs_p[:, None], mask=m, other=0.0)
-            z = tl.where(m, tl.maximum(x * s[None, :] + t[None, :], 0.0), 0.0)
-            acc += tl.dot(gh.to(tl.float32), z.to(tl.float32), input_precision="ieee")
-    tl.store(out_ptr + offs_b[:, None] * C + offs_c[None, :], acc, mask=mb[:, None] & mc[None, :])
+    for step in range(k * STEPS_PER_SPLIT, step_end):
+        n = step // blocks_p
+        offs_p = (step % blocks_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mp = offs_p < P
+        gh = tl.load(
+            gh_ptr + n * stride_gn + offs_b[:, None] * P + offs_p[None, :],
+            mask=mb[:, None] & mp[None, :],
+            other=0.0,
+        )
+        m = mp[:, None] & mc[None, :]
+        x = tl.load(x_ptr + n * stride_xn + offs_c[None, :] * stride_xc + offs_p[:, None], mask=m, other=0.0)
+        z = tl.where(m, tl.maximum(x * s[None, :] + t[None, :], 0.0), 0.0)
+        acc += tl.dot(gh.to(tl.float32), z.to(tl.float32), input_precision="ieee")
+    out = out_ptr + k * B * C + offs_b[:, None] * C + offs_c[None, :]
+    tl.store(out, acc, mask=mb[:, None] & mc[None, :])
+
+
+def _split_positions(p: int) -> int:
+    """Positions per program of the per-channel reductions: a multiple of the block, ~8 blocks at most."""
+    return min(triton.cdiv(p, _BLOCK_STATS), 8) * _BLOCK_STATS
 
 
 def _flat(v: torch.Tensor) -> tuple[int, int, int]:
@@ -253,10 +270,16 @@ class TritonKernels(CompositeKernels):
     def channel_stats(v):
         n, c = v.shape[:2]
         p, sn, sc = _flat(v)
-        mean = torch.empty(c, device=v.device, dtype=torch.float32)
-        m2 = torch.empty_like(mean)
-        _channel_stats_kernel[(c,)](v, mean, m2, n, p, sn, sc, BLOCK=_BLOCK_STATS)
-        return mean.double(), m2.double() / (n * p)
+        split = _split_positions(p)
+        slices = triton.cdiv(p, split)
+        part = torch.empty(c, n * slices, 3, device=v.device, dtype=torch.float32)
+        _channel_stats_kernel[(c, n, slices)](v, part, p, split, sn, sc, BLOCK=_BLOCK_STATS)
+        part = part.double()
+        count, mean_i, m2_i = part[..., 0], part[..., 1], part[..., 2]
+        total = count.sum(1)
+        mean = (count * mean_i).sum(1) / total
+        m2 = m2_i.sum(1) + (count * (mean_i - mean[:, None]) ** 2).sum(1)
+        return mean, m2 / total
 
     @staticmethod
     def bn_relu_conv1x1(prefix, scale, shift, w1):
@@ -301,13 +324,15 @@ class TritonKernels(CompositeKernels):
         grad_z = grad_z.contiguous()
         n, c = h.shape[:2]
         p = h.numel() // (n * c)
-        sg = torch.empty(c, device=h.device, dtype=torch.float32)
-        sgh = torch.empty_like(sg)
         scale, shift = scale.contiguous(), shift.contiguous()
         mean32 = mean.to(torch.float32).contiguous()
-        _bn_relu_bwd_sums_kernel[(c,)](grad_z, h, scale, shift, mean32, sg, sgh, n, c, p, BLOCK=_BLOCK_STATS)
-        sum_g = sg.double()
-        sum_gx = sgh.double() * invstd
+        split = _split_positions(p)
+        slices = triton.cdiv(p, split)
+        part = torch.empty(c, n * slices, 2, device=h.device, dtype=torch.float32)
+        _bn_relu_bwd_sums_kernel[(c, n, slices)](grad_z, h, scale, shift, mean32, part, c, p, split, BLOCK=_BLOCK_STATS)
+        sums = part.double().sum(1)
+        sum_g = sums[:, 0]
+        sum_gx = sums[:, 1] * invstd
         if training:
             alpha, beta = _affine_correction(scale, invstd, mean, sum_g, sum_gx, n * p)
         else:
@@ -351,17 +376,26 @@ class TritonKernels(CompositeKernels):
         sums = psum.double().sum(0)
         sum_g = sums[0]
         sum_gx = sums[1] * invstd
-        grad_w1 = torch.empty(b, c, device=prefix.device, dtype=torch.float32)
-        _conv1x1_wgrad_kernel[(triton.cdiv(b, _BLOCK_M), triton.cdiv(c, _BLOCK_K))](
+        tiles = triton.cdiv(b, _BLOCK_M) * triton.cdiv(c, _BLOCK_K)
+        steps = n * blocks_p
+        # enough programs to fill a GPU (~4 per SM of an H100), at least 8 position blocks each
+        splits = max(1, min(triton.cdiv(steps, 8), triton.cdiv(512, tiles)))
+        if _split_override is not None:
+            splits = max(1, min(_split_override, steps))
+        per_split = triton.cdiv(steps, splits)
+        splits = triton.cdiv(steps, per_split)
+        partial = torch.empty(splits, b, c, device=prefix.device, dtype=torch.float32)
+        _conv1x1_wgrad_kernel[(triton.cdiv(b, _BLOCK_M), triton.cdiv(c, _BLOCK_K), splits)](
             grad_h,
             prefix,
             scale,
             shift,
-            grad_w1,
+            partial,
             n,
             c,
             b,
             p,
+            per_split,
             b * p,
             sn,
             sc,
@@ -369,6 +403,7 @@ class TritonKernels(CompositeKernels):
             BLOCK_K=_BLOCK_K,
             BLOCK_P=_BLOCK_P,
         )
+        grad_w1 = partial.double().sum(0) if splits > 1 else partial[0]
         return grad_w1.to(prefix.dtype), sum_g, sum_gx
 
 
