@@ -60,6 +60,20 @@ T3D_HD TtlGeometry make_geometry(int64_t T, int64_t H, int64_t W, int64_t front,
   return g;
 }
 
+// The geometry of a TTL from the input dims and the branch weights (C_i, C_in, d_i, kh_i, kw_i): pads by the
+// largest 'same' padding of any branch. Host-side; `Weights` is any container of tensors with .size(dim).
+template <typename Weights>
+inline TtlGeometry geometry_from_weights(int64_t T, int64_t H, int64_t W, const Weights& weights, bool pool) {
+  int64_t front = 0, back = 0, ph = 0, pw = 0;
+  for (const auto& w : weights) {
+    front = front > temporal_front(w.size(2)) ? front : temporal_front(w.size(2));
+    back = back > temporal_back(w.size(2)) ? back : temporal_back(w.size(2));
+    ph = ph > w.size(3) / 2 ? ph : w.size(3) / 2;
+    pw = pw > w.size(4) / 2 ? pw : w.size(4) / 2;
+  }
+  return make_geometry(T, H, W, front, back, ph, pw, pool);
+}
+
 // Where branch (depth, kh, kw) starts reading the source tensor.
 T3D_HD void branch_origin(const TtlGeometry& g, int64_t depth, int64_t kh, int64_t kw, int64_t& t0, int64_t& h0,
                           int64_t& w0) {

@@ -60,14 +60,7 @@ Problem make_problem(const at::Tensor& x, const std::vector<at::Tensor>& weights
   Problem pb;
   pb.N = x.size(0);
   pb.C = x.size(1);
-  int64_t front = 0, back = 0, ph = 0, pw = 0;
-  for (const auto& w : weights) {
-    front = std::max(front, temporal_front(w.size(2)));
-    back = std::max(back, temporal_back(w.size(2)));
-    ph = std::max(ph, w.size(3) / 2);
-    pw = std::max(pw, w.size(4) / 2);
-  }
-  pb.g = make_geometry(x.size(2), x.size(3), x.size(4), front, back, ph, pw, pool);
+  pb.g = geometry_from_weights(x.size(2), x.size(3), x.size(4), weights, pool);
   pb.Mo = pb.g.To * pb.g.Ho * pb.g.Wo;
   int64_t y_off = 0, acc_col = 0;
   for (const auto& w : weights) {

@@ -463,14 +463,7 @@ struct Branch {
 
 TtlGeometry geometry_of(const at::Tensor& x, const std::vector<at::Tensor>& weights, bool pool,
                         std::vector<Branch>& branches) {
-  int64_t front = 0, back = 0, ph = 0, pw = 0;
-  for (const auto& w : weights) {
-    front = std::max(front, temporal_front(w.size(2)));
-    back = std::max(back, temporal_back(w.size(2)));
-    ph = std::max(ph, w.size(3) / 2);
-    pw = std::max(pw, w.size(4) / 2);
-  }
-  TtlGeometry g = make_geometry(x.size(2), x.size(3), x.size(4), front, back, ph, pw, pool);
+  TtlGeometry g = geometry_from_weights(x.size(2), x.size(3), x.size(4), weights, pool);
   int64_t c_off = 0;
   for (const auto& w : weights) {
     Branch b{c_off, w.size(0), w.size(2), w.size(3), w.size(4), 0, 0, 0};
