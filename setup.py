@@ -5,10 +5,9 @@ torch already installed is used (build isolation would download another torch)."
 import glob
 import os
 
+import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
-import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,7 +28,9 @@ def extensions():
     if use_cuda:
         define_macros.append(("WITH_CUDA", None))
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
-        return [CUDAExtension("t3d_kernels._C", sources + _sources("csrc/cuda/*.cu"), define_macros=define_macros, **kwargs)]
+        return [
+            CUDAExtension("t3d_kernels._C", sources + _sources("csrc/cuda/*.cu"), define_macros=define_macros, **kwargs)
+        ]
     return [CppExtension("t3d_kernels._C", sources, define_macros=define_macros, **kwargs)]
 
 

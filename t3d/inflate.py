@@ -11,7 +11,6 @@ weight is placed at the spatial centre of each branch's d x k x k kernel, spread
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Mapping
 
 import torch
@@ -20,7 +19,13 @@ from t3d_kernels import TemporalTransition
 
 from .checkpoint import save_checkpoint
 from .models import MODELS, T3D
-from .models.densenet import _OLD_KEY, DenseNet2d
+from .models.densenet import (
+    DenseNet2d,
+    _describe,
+    check_state_matches,
+    normalize_densenet2d_state,
+    read_densenet2d_state,
+)
 
 __all__ = [
     "add_parser",
@@ -62,76 +67,6 @@ def densenet2d_like(model3d: T3D, num_classes: int = 1000) -> DenseNet2d:
         bn_size=first.conv1.out_channels // growth_rate,
         num_classes=num_classes,
     )
-
-
-def _fill_num_batches_tracked(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # checkpoints saved before PyTorch 0.4.1 (torchvision's DenseNet files among them) have no
-    # num_batches_tracked; PyTorch itself fills it with 0 when loading them, so do the same
-    for key in list(state):
-        if key.endswith(".running_var"):
-            tracked = key[: -len("running_var")] + "num_batches_tracked"
-            state.setdefault(tracked, torch.tensor(0, dtype=torch.long))
-    return state
-
-
-def read_densenet2d_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a torchvision-format DenseNet weights file (``weights_only=True``) into a plain state_dict.
-
-    Accepts a bare state_dict or one under "state_dict"/"model"; renames torchvision's pre-0.3 keys
-    ("norm.1" -> "norm1"), strips a DDP "module." prefix and fills a missing ``num_batches_tracked`` with 0.
-    Not a file / not loadable / not a dict of tensors raise a clear error naming ``path``.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights: expected a 2D DenseNet weights file, got {path!r} (no such file)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error: a bad file
-        raise ValueError(f"weights: {path!r} is not a loadable torch state_dict file ({exc})") from exc
-    if isinstance(state, dict):
-        for key in ("state_dict", "model"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
-            f"weights: expected a state_dict (a dict of name -> tensor) in {path!r}, got {_describe(state)}"
-        )
-    return normalize_densenet2d_state(state)
-
-
-def normalize_densenet2d_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Today's torchvision key names for a DenseNet state_dict: pre-0.3 names ("norm.1" -> "norm1"), no DDP
-    "module." prefix, ``num_batches_tracked`` filled with 0 where missing (files saved before PyTorch 0.4.1)."""
-    state = {_OLD_KEY.sub(lambda m: m.group(1) + m.group(2), k).removeprefix("module."): v for k, v in state.items()}
-    return _fill_num_batches_tracked(state)
-
-
-def _describe(obj: object) -> str:
-    if isinstance(obj, dict):
-        bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-        return f"a dict with non-tensor values under {bad[:4]}" if bad else "an empty dict"
-    return type(obj).__name__
-
-
-def check_state_matches(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], what: str) -> None:
-    """Raise a ValueError listing missing keys, unexpected keys and wrong shapes of ``state`` against
-    ``expected`` (key -> shape). ``what`` names the source in the message."""
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{what}: expected a state_dict (a mapping of name -> tensor), got {_describe(state)}")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k}: expected {tuple(expected[k])}, got {tuple(state[k].shape)}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != tuple(expected[k])
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-            if items:
-                parts.append(f"{label} ({len(items)}): {items[:6]}{' ...' if len(items) > 6 else ''}")
-        raise ValueError(f"{what}: does not match the 2D DenseNet the model needs: " + "; ".join(parts))
 
 
 def inflate_densenet2d_to_t3d(

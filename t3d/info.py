@@ -36,7 +36,9 @@ def model_summary(model: nn.Module, clip: tuple[int, int, int], batch: int = 1) 
 
     def stage_hook(name):
         def hook(module, inputs, output):
-            stages.append({"stage": name, "shape": tuple(output.shape), "params": sum(p.numel() for p in module.parameters())})
+            stages.append(
+                {"stage": name, "shape": tuple(output.shape), "params": sum(p.numel() for p in module.parameters())}
+            )
 
         return hook
 
@@ -102,9 +104,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'input':<14}{str((1, 3) + clip):<28}{'':>12}")
     for st in s["stages"]:
         print(f"{st['stage']:<14}{str(st['shape']):<28}{st['params']:>12,}")
-    print(f"{'classifier':<14}{str(s['logits']):<28}{model.classifier.weight.numel() + model.classifier.bias.numel():>12,}")
+    head_params = sum(p.numel() for p in model.classifier.parameters())
+    print(f"{'classifier':<14}{str(s['logits']):<28}{head_params:>12,}")
     print(f"parameters: {s['params']:,}")
-    print(f"GFLOPs per clip: {s['gflops']:.2f} (TTLs {s['gflops_ttl']:.2f}); with the fused TTL algebra: {s['gflops_fused']:.2f}")
+    print(
+        f"GFLOPs per clip: {s['gflops']:.2f} (TTLs {s['gflops_ttl']:.2f}); "
+        f"with the fused TTL algebra: {s['gflops_fused']:.2f}"
+    )
     return 0
 
 

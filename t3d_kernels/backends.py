@@ -55,7 +55,9 @@ def _any_device(device: torch.device) -> bool:
 for _op in ("ttl", "dense_block"):
     register(_op, "reference", lambda: True, _any_device)
 register("ttl", "composite", lambda: True, _any_device)
-register("ttl", "cpu", lambda: _ext.load() is not None and hasattr(_ext.load(), "ttl_forward"), lambda d: d.type == "cpu")
+register(
+    "ttl", "cpu", lambda: _ext.load() is not None and hasattr(_ext.load(), "ttl_forward"), lambda d: d.type == "cpu"
+)
 register("ttl", "cuda", _ext.has_cuda_kernels, lambda d: d.type == "cuda")
 register("ttl", "triton", _triton_available, _triton_runs_on)
 register("dense_block", "composite", lambda: True, _any_device)
@@ -93,9 +95,10 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     if not built():
         why = _ext.load_error() if backend in ("cpu", "cuda") else "triton is not installed"
         raise BackendError(
-            f"backend: {backend!r} for op {op!r} is not built on this install ({why}); "
-            f"available: {backends(op)}"
+            f"backend: {backend!r} for op {op!r} is not built on this install ({why}); available: {backends(op)}"
         )
     if not runs_on(device):
-        raise BackendError(f"backend: {backend!r} for op {op!r} cannot run on device {device}; available: {backends(op)}")
+        raise BackendError(
+            f"backend: {backend!r} for op {op!r} cannot run on device {device}; available: {backends(op)}"
+        )
     return backend

@@ -122,7 +122,9 @@ class TemporalTransition(_BackendModule):
         )
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, depths={self.depths}, pool={self.pool}, " + super().extra_repr()
+        return (
+            f"{self.in_channels}, {self.out_channels}, depths={self.depths}, pool={self.pool}, " + super().extra_repr()
+        )
 
 
 def _bn_args(bn: nn.BatchNorm3d):
@@ -181,7 +183,9 @@ class DenseBlock3d(_BackendModule):
         self.in_channels, self.growth_rate, self.num_layers = in_channels, growth_rate, num_layers
         self.out_channels = in_channels + num_layers * growth_rate
         for i in range(num_layers):
-            self.add_module(f"denselayer{i + 1}", DenseLayer3d(in_channels + i * growth_rate, growth_rate, bn_size, eps))
+            self.add_module(
+                f"denselayer{i + 1}", DenseLayer3d(in_channels + i * growth_rate, growth_rate, bn_size, eps)
+            )
         self.backend = backend
 
     def layers(self) -> list[DenseLayer3d]:

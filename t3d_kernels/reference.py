@@ -106,7 +106,9 @@ def ttl_pool_first(
     for w, (f, _) in zip(weights, pads):
         depth, kh, kw = w.shape[2:]
         t0, h0, w0 = front - f, sh - kh // 2, sw - kw // 2
-        view = box[:, :, t0 : t0 + 2 * (t_out - 1) + depth, h0 : h0 + 2 * (h_out - 1) + kh, w0 : w0 + 2 * (w_out - 1) + kw]
+        view = box[
+            :, :, t0 : t0 + 2 * (t_out - 1) + depth, h0 : h0 + 2 * (h_out - 1) + kh, w0 : w0 + 2 * (w_out - 1) + kw
+        ]
         outs.append(F.conv3d(view, w, stride=2))
     return torch.cat(outs, dim=1)
 

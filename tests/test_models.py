@@ -32,7 +32,9 @@ TABLE_121 = {
 TABLE_169 = dict(TABLE_121, denseblock3=(1280, 4, 14, 14), transition3=(640, 2, 7, 7), denseblock4=(1664, 2, 7, 7))
 
 
-@pytest.mark.parametrize("factory,table,features", [(t3d_densenet121, TABLE_121, 1024), (t3d_densenet169, TABLE_169, 1664)])
+@pytest.mark.parametrize(
+    "factory,table,features", [(t3d_densenet121, TABLE_121, 1024), (t3d_densenet169, TABLE_169, 1664)]
+)
 def test_stage_shapes_at_paper_clip(factory, table, features):
     with torch.device("meta"):
         model = factory(num_classes=400, backend="reference")
@@ -50,7 +52,9 @@ def _bn(c):
     return 2 * c
 
 
-def expected_params(block_config, num_classes=400, k=32, bn_size=4, init=64, ttl_depths=((1, 3, 6), (1, 3, 4), (1, 3, 4))):
+def expected_params(
+    block_config, num_classes=400, k=32, bn_size=4, init=64, ttl_depths=((1, 3, 6), (1, 3, 4), (1, 3, 4))
+):
     """Parameter count from the architecture's formulas (independent of the model code)."""
     total = 3 * init * 3 * 7 * 7 + _bn(init)
     c = init
@@ -100,9 +104,15 @@ def _torchvision_style_state(model: DenseNet2d):
     c = 64
 
     def bn(prefix, n):
-        state.update({f"{prefix}.weight": torch.rand(n), f"{prefix}.bias": torch.rand(n),
-                      f"{prefix}.running_mean": torch.rand(n), f"{prefix}.running_var": torch.rand(n) + 0.5,
-                      f"{prefix}.num_batches_tracked": torch.tensor(0)})
+        state.update(
+            {
+                f"{prefix}.weight": torch.rand(n),
+                f"{prefix}.bias": torch.rand(n),
+                f"{prefix}.running_mean": torch.rand(n),
+                f"{prefix}.running_var": torch.rand(n) + 0.5,
+                f"{prefix}.num_batches_tracked": torch.tensor(0),
+            }
+        )
 
     state["features.conv0.weight"] = torch.randn(64, 3, 7, 7)
     bn("features.norm0", 64)

@@ -206,8 +206,19 @@ def test_opcheck(backend, training):
     args = (x, gamma.requires_grad_(), beta.requires_grad_(), mean, var, weights, True, training, 1e-5, backend)
     torch.library.opcheck(torch.ops.t3d.ttl.default, args)
     y, m, v = torch.ops.t3d.ttl(*args)
-    grad_args = (torch.randn_like(y), x.detach(), gamma.detach(), beta.detach(), m, v,
-                 [w.detach() for w in weights], True, training, 1e-5, backend)
+    grad_args = (
+        torch.randn_like(y),
+        x.detach(),
+        gamma.detach(),
+        beta.detach(),
+        m,
+        v,
+        [w.detach() for w in weights],
+        True,
+        training,
+        1e-5,
+        backend,
+    )
     torch.library.opcheck(torch.ops.t3d.ttl_backward.default, grad_args)
 
 
@@ -282,13 +293,32 @@ def _good():
 
 
 BAD = {
-    "channels": (lambda a: a["weights"].__setitem__(1, torch.randn(2, 5, 3, 3, 3)), ValueError, r"weights\[1\].*input channels"),
+    "channels": (
+        lambda a: a["weights"].__setitem__(1, torch.randn(2, 5, 3, 3, 3)),
+        ValueError,
+        r"weights\[1\].*input channels",
+    ),
     "depth0": (lambda a: a["weights"].__setitem__(0, torch.randn(2, 4, 0, 1, 1)), ValueError, r"weights\[0\].*depth"),
-    "even_kernel": (lambda a: a["weights"].__setitem__(1, torch.randn(2, 4, 3, 2, 3)), ValueError, r"weights\[1\].*odd"),
-    "dtype_mix": (lambda a: a["weights"].__setitem__(0, torch.randn(2, 4, 1, 1, 1, dtype=torch.float64)), TypeError,
-                  r"weights\[0\].*dtype"),
-    "device_mix": (lambda a: a.__setitem__("bn_weight", torch.empty(4, device="meta")), ValueError, "bn_weight.*device"),
-    "int_x": (lambda a: a.__setitem__("x", torch.ones(1, 4, 4, 4, 4, dtype=torch.int64)), TypeError, "x: expected a floating"),
+    "even_kernel": (
+        lambda a: a["weights"].__setitem__(1, torch.randn(2, 4, 3, 2, 3)),
+        ValueError,
+        r"weights\[1\].*odd",
+    ),
+    "dtype_mix": (
+        lambda a: a["weights"].__setitem__(0, torch.randn(2, 4, 1, 1, 1, dtype=torch.float64)),
+        TypeError,
+        r"weights\[0\].*dtype",
+    ),
+    "device_mix": (
+        lambda a: a.__setitem__("bn_weight", torch.empty(4, device="meta")),
+        ValueError,
+        "bn_weight.*device",
+    ),
+    "int_x": (
+        lambda a: a.__setitem__("x", torch.ones(1, 4, 4, 4, 4, dtype=torch.int64)),
+        TypeError,
+        "x: expected a floating",
+    ),
     "rank": (lambda a: a.__setitem__("x", torch.randn(4, 4, 4, 4)), ValueError, "x: expected a 5-D"),
     "bn_shape": (lambda a: a.__setitem__("running_var", torch.ones(3)), ValueError, r"bn_running_var.*shape \(4,\)"),
     "no_weights": (lambda a: a.__setitem__("weights", []), ValueError, "weights: expected a non-empty"),
@@ -316,10 +346,22 @@ def test_cpp_kernel_checks_its_arguments():
     with pytest.raises(RuntimeError, match="x: the cpu backend of ttl expects float32 or float64"):
         h = [t.half() for t in (a["x"], a["bn_weight"], a["bn_bias"], a["running_mean"], a["running_var"])]
         mod.ttl_forward(*h, [w.half() for w in a["weights"]], True, 1e-5)
-    y = mod.ttl_forward(a["x"], a["bn_weight"], a["bn_bias"], a["running_mean"], a["running_var"], a["weights"], True, 1e-5)
+    y = mod.ttl_forward(
+        a["x"], a["bn_weight"], a["bn_bias"], a["running_mean"], a["running_var"], a["weights"], True, 1e-5
+    )
     with pytest.raises(RuntimeError, match="grad_y: expected shape"):
-        mod.ttl_backward(y[:, :1], a["x"], a["bn_weight"], a["bn_bias"], a["running_mean"], a["running_var"],
-                         a["weights"], True, True, 1e-5)
+        mod.ttl_backward(
+            y[:, :1],
+            a["x"],
+            a["bn_weight"],
+            a["bn_bias"],
+            a["running_mean"],
+            a["running_var"],
+            a["weights"],
+            True,
+            True,
+            1e-5,
+        )
 
 
 def test_unknown_or_unbuilt_backend():

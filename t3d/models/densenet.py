@@ -10,21 +10,23 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from t3d_kernels import DenseBlock3d, TemporalTransition
-from t3d_kernels.nn import split_channels
 
 __all__ = [
     "T3D",
     "DenseNet2d",
     "clip_stage_shapes",
     "densenet121",
+    "check_state_matches",
     "load_densenet2d_weights",
+    "normalize_densenet2d_state",
+    "read_densenet2d_state",
     "t3d_densenet121",
     "t3d_densenet169",
     "t3d_tiny",
@@ -114,9 +116,7 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.constant_(m.bias, 0)
 
 
-def clip_stage_shapes(
-    clip: Sequence[int], num_stages: int = 4
-) -> list[tuple[str, tuple[int, int, int]]]:
+def clip_stage_shapes(clip: Sequence[int], num_stages: int = 4) -> list[tuple[str, tuple[int, int, int]]]:
     """(T, H, W) after the stem conv, the stem pool and each TTL, for a clip (T, H, W); raises ValueError when
     the clip does not survive the downsampling."""
     t, h, w = (int(v) for v in clip)
@@ -135,7 +135,7 @@ def clip_stage_shapes(
     if min(t, h, w) < 1 or min(clip) < 1:
         raise ValueError(
             f"clip: expected (T, H, W) that survive the downsampling (T halved {num_stages} times, H and W by 2^"
-            f"{num_stages + 1}; e.g. T >= {2 ** num_stages}, H, W >= {2 ** (num_stages + 1)}), got {tuple(clip)}"
+            f"{num_stages + 1}; e.g. T >= {2**num_stages}, H, W >= {2 ** (num_stages + 1)}), got {tuple(clip)}"
         )
     return shapes
 
@@ -256,56 +256,95 @@ def densenet121(num_classes: int = 1000) -> DenseNet2d:
 
 
 # torchvision's checkpoints before 0.3 named layers "norm.1" instead of "norm1"
-_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 
 
 def load_densenet2d_weights(model: DenseNet2d, path: str | os.PathLike, strict_classifier: bool = False) -> DenseNet2d:
     """Load a torchvision-format DenseNet state_dict file into ``model`` (``weights_only=True``).
 
-    Accepts a bare state_dict or a dict holding one under "state_dict"/"model". The classifier is loaded only
-    if its shape matches (the teacher does not use it) unless ``strict_classifier``. Missing or unexpected keys
-    and wrong shapes raise a ValueError that lists them.
+    Reads the file with :func:`read_densenet2d_state`. The classifier is loaded only if its shape matches (the
+    teacher does not use it) unless ``strict_classifier``. Missing or unexpected keys and wrong shapes raise a
+    ValueError that lists them.
+    """
+    state = read_densenet2d_state(path)
+    own = model.state_dict()
+    if not strict_classifier:
+        for key in ("classifier.weight", "classifier.bias"):
+            if key in state and state[key].shape != own[key].shape:
+                del state[key]
+            state.setdefault(key, own[key])
+    check_state_matches(state, {k: v.shape for k, v in own.items()}, f"weights {os.fspath(path)!r}")
+    model.load_state_dict(state)
+    return model
+
+
+def _fill_num_batches_tracked(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # checkpoints saved before PyTorch 0.4.1 (torchvision's DenseNet files among them) have no
+    # num_batches_tracked; PyTorch itself fills it with 0 when loading them, so do the same
+    for key in list(state):
+        if key.endswith(".running_var"):
+            tracked = key[: -len("running_var")] + "num_batches_tracked"
+            state.setdefault(tracked, torch.tensor(0, dtype=torch.long))
+    return state
+
+
+def read_densenet2d_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a torchvision-format DenseNet weights file (``weights_only=True``) into a plain state_dict.
+
+    Accepts a bare state_dict or one under "state_dict"/"model"; renames torchvision's pre-0.3 keys
+    ("norm.1" -> "norm1"), strips a DDP "module." prefix and fills a missing ``num_batches_tracked`` with 0.
+    Not a file / not loadable / not a dict of tensors raise a clear error naming ``path``.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"path: expected a DenseNet weights file, got {path!r} (no such file)")
+        raise FileNotFoundError(f"weights: expected a 2D DenseNet weights file, got {path!r} (no such file)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - surfaced with the file's name
-        raise ValueError(f"path: {path!r} is not a loadable torch state_dict file ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error: a bad file
+        raise ValueError(f"weights: {path!r} is not a loadable torch state_dict file ({exc})") from exc
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if key in state and isinstance(state[key], dict):
                 state = state[key]
                 break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"path: expected a state_dict (a dict of name -> tensor) in {path!r}, got {type(state).__name__}")
-    state = {(_OLD_KEY.sub(lambda m: m.group(1) + m.group(2), k)): v for k, v in state.items()}
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    # checkpoints from before PyTorch 0.4.1 (torchvision's ImageNet files among them) have no BN batch counters
-    for key in own:
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = torch.zeros_like(own[key])
-    if not strict_classifier:
-        for key in ("classifier.weight", "classifier.bias"):
-            if key in state and state[key].shape != own[key].shape:
-                del state[key]
-            if key not in state:
-                state[key] = own[key]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(
+            f"weights: expected a state_dict (a dict of name -> tensor) in {path!r}, got {_describe(state)}"
+        )
+    return normalize_densenet2d_state(state)
+
+
+def normalize_densenet2d_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Today's torchvision key names for a DenseNet state_dict: pre-0.3 names ("norm.1" -> "norm1"), no DDP
+    "module." prefix, ``num_batches_tracked`` filled with 0 where missing (files saved before PyTorch 0.4.1)."""
+    state = {_OLD_KEY.sub(lambda m: m.group(1) + m.group(2), k).removeprefix("module."): v for k, v in state.items()}
+    return _fill_num_batches_tracked(state)
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, dict):
+        bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        return f"a dict with non-tensor values under {bad[:4]}" if bad else "an empty dict"
+    return type(obj).__name__
+
+
+def check_state_matches(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], what: str) -> None:
+    """Raise a ValueError listing missing keys, unexpected keys and wrong shapes of ``state`` against
+    ``expected`` (key -> shape). ``what`` names the source in the message."""
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what}: expected a state_dict (a mapping of name -> tensor), got {_describe(state)}")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k}: expected {tuple(expected[k])}, got {tuple(state[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k])
+    ]
     if missing or unexpected or wrong:
         parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if wrong:
-            parts.append(f"wrong shapes ({len(wrong)}): {wrong[:8]}")
-        raise ValueError(f"path: {path!r} does not match {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state)
-    return model
-
-
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+            if items:
+                parts.append(f"{label} ({len(items)}): {items[:6]}{' ...' if len(items) > 6 else ''}")
+        raise ValueError(f"{what}: does not match the 2D DenseNet the model needs: " + "; ".join(parts))

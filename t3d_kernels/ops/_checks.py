@@ -56,4 +56,6 @@ def check_ttl_args(x, bn_weight, bn_bias, running_mean, running_var, weights) ->
         if w.shape[0] < 1 or w.shape[2] < 1:
             raise ValueError(f"{name}: expected C_i >= 1 and temporal depth d_i >= 1, got {_describe(w)}")
         if w.shape[3] % 2 == 0 or w.shape[4] % 2 == 0:
-            raise ValueError(f"{name}: expected odd spatial kernel sizes (kh, kw) for 'same' padding, got {_describe(w)}")
+            raise ValueError(
+                f"{name}: expected odd spatial kernel sizes (kh, kw) for 'same' padding, got {_describe(w)}"
+            )

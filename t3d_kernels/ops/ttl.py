@@ -63,7 +63,14 @@ def _padded_input(x, scale, shift, weights, pool):
         depth, kh, kw = w.shape[2:]
         t0, h0, w0 = front - f, sh - kh // 2, sw - kw // 2
         views.append(
-            (t0, h0, w0, t0 + stride * (t_out - 1) + depth, h0 + stride * (h_out - 1) + kh, w0 + stride * (w_out - 1) + kw)
+            (
+                t0,
+                h0,
+                w0,
+                t0 + stride * (t_out - 1) + depth,
+                h0 + stride * (h_out - 1) + kh,
+                w0 + stride * (w_out - 1) + kw,
+            )
         )
     return z, src, views, stride, (front, back, sh, sw)
 
@@ -87,7 +94,8 @@ def _composite_forward(x, bn_weight, bn_bias, mean, var, weights, pool, eps):
     scale, shift, _ = _fold_bn(bn_weight, bn_bias, mean, var, eps)
     _, src, views, stride, _ = _padded_input(x, scale, shift, weights, pool)
     outs = [
-        F.conv3d(src[:, :, t0:t1, h0:h1, w0:w1], w, stride=stride) for w, (t0, h0, w0, t1, h1, w1) in zip(weights, views)
+        F.conv3d(src[:, :, t0:t1, h0:h1, w0:w1], w, stride=stride)
+        for w, (t0, h0, w0, t1, h1, w1) in zip(weights, views)
     ]
     return torch.cat(outs, 1)
 
@@ -245,18 +253,30 @@ def _autocast_rule(device_type: str):
 
     def rule(x, bn_weight, bn_bias, running_mean, running_var, weights, pool, training, eps, backend):
         dtype = torch.get_autocast_dtype(device_type)
-        keys = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA if device_type == "cuda" else
-                                       torch._C.DispatchKey.AutocastCPU)
+        keys = torch._C.DispatchKeySet(
+            torch._C.DispatchKey.AutocastCUDA if device_type == "cuda" else torch._C.DispatchKey.AutocastCPU
+        )
         with torch._C._ExcludeDispatchKeyGuard(keys):
             if device_type != "cuda" or backend == "cpu" or not x.is_floating_point():
-                return torch.ops.t3d.ttl(x, bn_weight, bn_bias, running_mean, running_var, weights, pool, training, eps,
-                                         backend)
+                return torch.ops.t3d.ttl(
+                    x, bn_weight, bn_bias, running_mean, running_var, weights, pool, training, eps, backend
+                )
 
             def cast(t):
                 return t.to(dtype) if t.is_floating_point() else t
 
-            return torch.ops.t3d.ttl(cast(x), cast(bn_weight), cast(bn_bias), cast(running_mean), cast(running_var),
-                                     [cast(w) for w in weights], pool, training, eps, backend)
+            return torch.ops.t3d.ttl(
+                cast(x),
+                cast(bn_weight),
+                cast(bn_bias),
+                cast(running_mean),
+                cast(running_var),
+                [cast(w) for w in weights],
+                pool,
+                training,
+                eps,
+                backend,
+            )
 
     return rule
 
