@@ -494,6 +494,7 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
   const int64_t threads = at::get_num_threads();
 
   TensorList g_bn1_w(L), g_bn1_b(L), g_conv1(L), g_bn2_w(L), g_bn2_b(L), g_conv2(L);
+  at::Tensor h, z2;
   for (int64_t i = L - 1; i >= 0; --i) {
     const int64_t cin = g.cin[i], bott = g.bott[i], k = g.growth[i];
     auto opts = y.options();
@@ -515,13 +516,15 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
     auto w1 = conv1_weight[i].contiguous();
     const scalar_t* w1p = w1.data_ptr<scalar_t>();
     const int64_t pc = chunk_positions(g, cin);
-    auto h = at::empty({g.N, bott, g.T, g.H, g.W}, opts);
+    // h and z2 are reused from layer to layer: fresh pages of a new allocation cost a page fault each
+    if (!h.defined() || h.size(1) != bott) {
+      h = at::empty({g.N, bott, g.T, g.H, g.W}, opts);
+      z2 = at::empty_like(h);
+    }
     bn_relu_conv1x1(yp, g, cin, bn1, w1p, bott, h.data_ptr<scalar_t>(), pc, nullptr);
-    auto z2 = at::empty_like(h);
     bn_relu_apply(h.data_ptr<scalar_t>(), z2.data_ptr<scalar_t>(), g, bott, bn2);
     // 3. conv2 backward
     auto [grad_z2, grad_w2] = conv_same_backward(gout, z2, conv2_weight[i]);
-    z2.reset();
     grad_z2 = grad_z2.contiguous();
     g_conv2[i] = grad_w2;
     // 4. BN2 backward, in place: grad_z2 becomes dL/dh
@@ -550,7 +553,6 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
         }
       });
     }
-    h.reset();
     auto dopt = opts.dtype(at::kDouble);
     g_bn2_w[i] = at::from_blob(sum_gx2.data(), {bott}, dopt).to(y.scalar_type(), false, /*copy=*/true);
     g_bn2_b[i] = at::from_blob(sum_g2.data(), {bott}, dopt).to(y.scalar_type(), false, /*copy=*/true);
@@ -560,7 +562,7 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
     std::vector<double> sg_acc(threads * cin, 0.0), sgx_acc(threads * cin, 0.0);
     const int64_t per_sample = (g.P + pc - 1) / pc;
     at::parallel_for(0, g.N * per_sample, 1, [&](int64_t begin, int64_t end) {
-      const int64_t tid = at::get_thread_num();
+        const int64_t tid = at::get_thread_num();
       std::vector<scalar_t> a(cin * pc), ga(cin * pc);
       scalar_t* gw1 = gw1_acc.data() + tid * bott * cin;
       double* sg = sg_acc.data() + tid * cin;
