@@ -380,9 +380,14 @@ void conv_forward(const T* src, const Problem& pb, const std::vector<at::Tensor>
   std::vector<T> acc(M * ld);
   const std::vector<int64_t> rows = output_rows(pb);
   const int64_t ntiles = (M + MR - 1) / MR;
-  at::parallel_for(0, ntiles, 4, [&](int64_t tb, int64_t te) {
+  // Position chunks of about one sample's worth of tiles: every K-block below sweeps the chunk's tiles, so the
+  // chunk's source rows must stay in cache across K-blocks (a whole batch-4 source tensor does not fit in L3).
+  const int64_t chunk_tiles = std::max<int64_t>(16, (pb.Mo + MR - 1) / MR);
+  at::parallel_for(0, ntiles, 4, [&](int64_t tb_all, int64_t te_all) {
     int64_t tile_rows[MR];
+    for (int64_t tb = tb_all; tb < te_all; tb += chunk_tiles)
     for (size_t bi = 0; bi < pb.branches.size(); ++bi) {
+      const int64_t te = std::min(te_all, tb + chunk_tiles);
       const Branch& b = pb.branches[bi];
       const int64_t sp = b.kh * b.kw, taps = b.depth * sp;
       // channel block: keep one temporal tap's packed weights for the block within ~256 KB of L2
@@ -798,23 +803,41 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
       T* gwp = gw.data_ptr<T>();
       std::vector<int64_t> rows_c(M);
       for (int64_t p = 0; p < M; ++p) rows_c[p] = (rows[p] + b.origin_row) * pb.C;
-      at::parallel_for(0, taps * b.nblocks * nct, 1, [&](int64_t begin, int64_t end) {
+      // reduce over positions one sample at a time (each task's accumulator tile kept in memory), so the source
+      // rows a sample's tasks read stay in cache instead of streaming a whole batch per task
+      const int64_t ntasks = taps * b.nblocks * nct;
+      std::vector<T> acc_all(ntasks * MR * NR, T(0));
+      for (int64_t p0 = 0; p0 < M; p0 += pb.Mo) {
+        const int64_t np = std::min(pb.Mo, M - p0);
+        at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+          std::vector<T> tail;
+          std::vector<int64_t> trow;
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t ct = task % nct, nb = (task / nct) % b.nblocks, j = task / (nct * b.nblocks);
+            const int64_t dt = j / (b.kh * b.kw), dh = (j / b.kw) % b.kh, dw = j % b.kw;
+            const int64_t c0 = ct * MR, cvalid = std::min<int64_t>(MR, pb.C - c0);
+            const int64_t off = ((dt * g.Hs + dh) * g.Ws + dw) * pb.C + c0;
+            T* a = acc_all.data() + task * MR * NR;
+            const T* gyp = gy_cl.data() + p0 * ldg + b.y_off + nb * NR;
+            if (cvalid == MR) {
+              wgrad_tile_mv(srcp, rows_c.data() + p0, np, off, gyp, ldg, a);
+            } else {  // channel tail: read through a zero-padded copy of the rows' last channels
+              tail.assign(np * MR, T(0));
+              trow.resize(np);
+              for (int64_t p = 0; p < np; ++p) {
+                for (int64_t r = 0; r < cvalid; ++r) tail[p * MR + r] = srcp[rows_c[p0 + p] + off + r];
+                trow[p] = p * MR;
+              }
+              wgrad_tile_mv(tail.data(), trow.data(), np, 0, gyp, ldg, a);
+            }
+          }
+        });
+      }
+      at::parallel_for(0, ntasks, 16, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
           const int64_t ct = task % nct, nb = (task / nct) % b.nblocks, j = task / (nct * b.nblocks);
-          const int64_t dt = j / (b.kh * b.kw), dh = (j / b.kw) % b.kh, dw = j % b.kw;
           const int64_t c0 = ct * MR, cvalid = std::min<int64_t>(MR, pb.C - c0);
-          const int64_t off = ((dt * g.Hs + dh) * g.Ws + dw) * pb.C + c0;
-          alignas(64) T a[MR * NR] = {};
-          if (cvalid == MR) {
-            wgrad_tile_mv(srcp, rows_c.data(), M, off, gy_cl.data() + b.y_off + nb * NR, ldg, a);
-          } else {  // channel tail: read through a padded copy of the rows' last channels
-            std::vector<T> tail(M * MR, T(0));
-            for (int64_t p = 0; p < M; ++p)
-              for (int64_t r = 0; r < cvalid; ++r) tail[p * MR + r] = srcp[rows_c[p] + off + r];
-            std::vector<int64_t> trow(M);
-            for (int64_t p = 0; p < M; ++p) trow[p] = p * MR;
-            wgrad_tile_mv(tail.data(), trow.data(), M, 0, gy_cl.data() + b.y_off + nb * NR, ldg, a);
-          }
+          const T* a = acc_all.data() + task * MR * NR;
           for (int r = 0; r < cvalid; ++r)
             for (int64_t oo = 0; oo < NR && nb * NR + oo < b.cout; ++oo)
               gwp[((nb * NR + oo) * pb.C + c0 + r) * taps + j] = a[r * NR + oo];
