@@ -40,8 +40,15 @@ def _triton_runs_on(device: torch.device) -> bool:
 
 # op -> backend -> (is it built?, can it run on this device?)
 _REGISTRY: dict[str, dict[str, tuple[Callable[[], bool], Callable[[torch.device], bool]]]] = {}
-# preference order for "auto", per device type
-_AUTO_ORDER = {"cpu": ("cpu", "composite", "reference"), "cuda": ("triton", "cuda", "composite", "reference")}
+# preference order for "auto", per op and device type, from measurements (README "Performance"): on an H100 the
+# Triton TTL beats cuDNN on every shape, while the fused dense block's GPU kernels are still slower than the cuDNN
+# block, so on CUDA the dense block stays on the reference unless a fused backend is asked for (it saves memory).
+_AUTO_ORDER = {
+    ("ttl", "cpu"): ("cpu", "composite", "reference"),
+    ("ttl", "cuda"): ("triton", "cuda", "composite", "reference"),
+    ("dense_block", "cpu"): ("cpu", "composite", "reference"),
+    ("dense_block", "cuda"): ("reference",),
+}
 
 
 def register(op: str, name: str, built: Callable[[], bool], runs_on: Callable[[torch.device], bool]) -> None:
@@ -82,7 +89,7 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     """The concrete backend that runs ``op`` on ``device`` for the requested ``backend`` ("auto" allowed)."""
     table = _REGISTRY[op]
     if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("composite", "reference")):
+        for name in _AUTO_ORDER.get((op, device.type), ("composite", "reference")):
             if name in table and table[name][0]() and table[name][1](device):
                 return name
         return "reference"

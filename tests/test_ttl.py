@@ -395,3 +395,13 @@ def test_autocast_rules(backend):
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, expected)
     assert m.norm.running_mean.dtype == torch.float32
+
+
+def test_auto_order_per_op_on_cuda():
+    """On GPUs auto takes the Triton TTL (fastest measured) but keeps the dense block on cuDNN (its fused GPU kernels
+    were slower); no GPU is needed to check the choice, only that triton is installed."""
+    from t3d_kernels.backends import resolve
+
+    if "triton" in tk.backends():
+        assert resolve("ttl", "auto", torch.device("cuda")) == "triton"
+    assert resolve("dense_block", "auto", torch.device("cuda")) == "reference"
