@@ -142,3 +142,11 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
             )
         )
     return result
+
+
+if __name__ == "__main__":  # `python benchmarks/bench_ttl.py [t3d-bench options]`: the TTL rows of the suite
+    import sys
+
+    from benchmarks.__main__ import main
+
+    sys.exit(main(["--ops", "ttl", *sys.argv[1:]]))
