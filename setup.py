@@ -18,13 +18,17 @@ def _sources(pattern):
 
 def extensions():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    # at::parallel_for is a header template: with torch's OpenMP backend it only runs in parallel when the
+    # extension itself is compiled with -fopenmp (libgomp.so.1 then resolves to the copy torch already loaded)
+    cxx = ["-O3", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
     define_macros = []
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     use_cuda = force_cuda or (torch.version.cuda is not None and CUDA_HOME is not None)
     if os.environ.get("T3D_NO_CUDA", "0") == "1":
         use_cuda = False
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx})
+    kwargs = dict(
+        include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+    )
     if use_cuda:
         define_macros.append(("WITH_CUDA", None))
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
