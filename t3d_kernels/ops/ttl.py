@@ -142,11 +142,12 @@ def _bn_backward(grad_pre, x, bn_weight, mean, invstd, training):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _cpu_forward(x, bn_weight, bn_bias, mean, var, weights, pool, eps):
+# the compiled extension (cpu and cuda backends): its entry points dispatch on the tensors' device
+def _compiled_forward(x, bn_weight, bn_bias, mean, var, weights, pool, eps):
     return _ext.load().ttl_forward(x, bn_weight, bn_bias, mean, var, list(weights), pool, eps)
 
 
-def _cpu_backward(grad_y, x, bn_weight, bn_bias, mean, var, weights, pool, training, eps):
+def _compiled_backward(grad_y, x, bn_weight, bn_bias, mean, var, weights, pool, training, eps):
     return _ext.load().ttl_backward(grad_y, x, bn_weight, bn_bias, mean, var, list(weights), pool, training, eps)
 
 
@@ -162,8 +163,18 @@ def _triton_backward(*args):
     return triton_ttl.backward(*args)
 
 
-_FORWARD = {"composite": _composite_forward, "cpu": _cpu_forward, "cuda": _cpu_forward, "triton": _triton_forward}
-_BACKWARD = {"composite": _composite_backward, "cpu": _cpu_backward, "cuda": _cpu_backward, "triton": _triton_backward}
+_FORWARD = {
+    "composite": _composite_forward,
+    "cpu": _compiled_forward,
+    "cuda": _compiled_forward,
+    "triton": _triton_forward,
+}
+_BACKWARD = {
+    "composite": _composite_backward,
+    "cpu": _compiled_backward,
+    "cuda": _compiled_backward,
+    "triton": _triton_backward,
+}
 
 
 # --------------------------------------------------------------------------------------------------------
