@@ -754,6 +754,21 @@ def add_common_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (default: torch's)")
 
 
+def add_optimization_args(parser: argparse.ArgumentParser, batch_size: int, batch_help: str, lr_help: str) -> None:
+    """The epoch / batch / SGD / schedule options shared by `t3d train` and `t3d transfer` (paper defaults: SGD with
+    Nesterov momentum 0.9, weight decay 1e-4, lr 0.1)."""
+    p = parser
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"clips per process per micro-batch {batch_help}")
+    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=0.1, help=f"learning rate {lr_help}")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov")
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "step", "constant"))
+    p.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps of linear warmup")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -771,15 +786,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hflip", default="auto", choices=("auto", "on", "off"),
                    help="random horizontal flip (auto: on unless the dataset declares otherwise)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8, help="clips per process per micro-batch (default 8)")
-    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=0.1, help="learning rate at the global batch (default 0.1)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov")
-    p.add_argument("--schedule", default="cosine", choices=("cosine", "step", "constant"))
-    p.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps of linear warmup")
+    add_optimization_args(p, batch_size=8, batch_help="(default 8)", lr_help="at the global batch (default 0.1)")
     p.add_argument("--milestones", type=_int_list, default=[], help="epochs where --schedule step multiplies "
                    "the lr by --gamma, e.g. 10,20")
     p.add_argument("--gamma", type=float, default=0.1)

@@ -33,7 +33,7 @@ from torch import nn
 from .checkpoint import load_checkpoint, save_checkpoint
 from .inflate import check_state_matches, densenet2d_like, normalize_densenet2d_state, read_densenet2d_state
 from .models import T3D, DenseNet2d, densenet121
-from .train import StepOutput
+from .train import StepOutput, add_optimization_args
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -555,15 +555,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="random horizontal flip (auto: on unless the dataset declares otherwise)",
     )
     p.add_argument("--head-dropout", type=float, default=0.0, help="dropout after each ReLU of the head")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32, help="clips per process per micro-batch (paper: 32)")
-    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=0.1, help="learning rate (paper: 0.1)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov")
-    p.add_argument("--schedule", default="cosine", choices=("cosine", "step", "constant"))
-    p.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps of linear warmup")
+    add_optimization_args(p, batch_size=32, batch_help="(paper: 32)", lr_help="(paper: 0.1)")
     p.add_argument(
         "--amp",
         default="auto",
