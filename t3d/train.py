@@ -249,12 +249,10 @@ def amp_settings(
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
-    """Put every BatchNorm (and every fused dense layer, whose BN follows the layer's own ``training`` flag) in
-    eval mode: running statistics are used and not updated. Call after ``model.train()``."""
-    from t3d_kernels import DenseLayer3d  # the fused dense layer reads its own training flag
-
+    """Put every BatchNorm module in eval mode: running statistics are used and not updated. The fused ops read
+    their mode from their BN modules, so this freezes them on every backend. Call after ``model.train()``."""
     for m in model.modules():
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, DenseLayer3d)):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
 
 

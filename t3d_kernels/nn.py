@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import reference
@@ -15,7 +16,7 @@ from .backends import _REGISTRY, BackendError, resolve
 from .ops.dense_block import dense_block
 from .ops.ttl import ttl
 
-__all__ = ["TemporalTransition", "DenseLayer3d", "DenseBlock3d", "fuse", "split_channels"]
+__all__ = ["TemporalTransition", "DenseLayer3d", "DenseBlock3d", "bn_mode", "fuse", "split_channels"]
 
 
 def split_channels(total: int, parts: int) -> list[int]:
@@ -104,9 +105,7 @@ class TemporalTransition(_BackendModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.norm
-        training = bn.training or bn.running_mean is None
-        if training and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
+        training, momentum = bn_mode(bn)
         return ttl(
             x,
             bn.weight,
@@ -115,7 +114,7 @@ class TemporalTransition(_BackendModule):
             bn.running_var,
             [b.weight for b in self.branches],
             training=training,
-            momentum=bn.momentum,
+            momentum=momentum,
             eps=bn.eps,
             pool=self.pool,
             backend=self.backend,
@@ -129,6 +128,23 @@ class TemporalTransition(_BackendModule):
 
 def _bn_args(bn: nn.BatchNorm3d):
     return bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+
+def bn_mode(bn: nn.modules.batchnorm._BatchNorm) -> tuple[bool, float]:
+    """``(use batch statistics?, running-stat momentum)`` of one BN module, decided as ``nn.BatchNorm3d`` decides
+    it, and counts the batch in ``num_batches_tracked`` when it will update its running stats.
+
+    The BN module is the one source of truth of its mode: a fused op reads it here, never the mode of the module
+    that holds it, so freezing the BN modules (``bn.eval()``, any freeze helper) freezes the fused ops too.
+    ``momentum=None`` is the cumulative average (1 / batches seen), as in PyTorch.
+    """
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    return training, momentum
 
 
 class DenseLayer3d(nn.Module):
@@ -145,19 +161,12 @@ class DenseLayer3d(nn.Module):
         self.conv2 = nn.Conv3d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for bn in (self.norm1, self.norm2):
-            if bn.training and bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-        return reference.dense_layer(
-            x,
-            _bn_args(self.norm1),
-            self.conv1.weight,
-            _bn_args(self.norm2),
-            self.conv2.weight,
-            training=self.training,
-            momentum=self.norm1.momentum,
-            eps=self.norm1.eps,
-        )
+        # each BN in its own mode (a frozen norm1 with a training norm2 is a valid state)
+        train1, momentum1 = bn_mode(self.norm1)
+        h = F.conv3d(reference.bn_relu(x, *_bn_args(self.norm1), train1, momentum1, self.norm1.eps), self.conv1.weight)
+        train2, momentum2 = bn_mode(self.norm2)
+        z = reference.bn_relu(h, *_bn_args(self.norm2), train2, momentum2, self.norm2.eps)
+        return F.conv3d(z, self.conv2.weight, padding=tuple(s // 2 for s in self.conv2.weight.shape[2:]))
 
 
 class DenseBlock3d(_BackendModule):
@@ -192,24 +201,27 @@ class DenseBlock3d(_BackendModule):
         return [m for m in self.children() if isinstance(m, DenseLayer3d)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if resolve("dense_block", self.backend, x.device) == "reference":
+        layers = self.layers()
+        norms = [bn for layer in layers for bn in (layer.norm1, layer.norm2)]
+        # The fused op runs every BN of the block in one mode with one momentum and eps; the BN modules decide it.
+        # A block whose norms disagree (some frozen, some training) runs layer by layer, each BN in its own mode.
+        uniform = (
+            len({(bn.training, bn.momentum, bn.eps, bn.track_running_stats) for bn in norms}) == 1
+            and norms[0].track_running_stats
+        )
+        if not uniform or resolve("dense_block", self.backend, x.device) == "reference":
             features = [x]
-            for layer in self.layers():
+            for layer in layers:
                 features.append(layer(torch.cat(features, 1)))
             return torch.cat(features, 1)
-        layers = self.layers()
-        if self.training:
-            for layer in layers:
-                for bn in (layer.norm1, layer.norm2):
-                    if bn.num_batches_tracked is not None:
-                        bn.num_batches_tracked.add_(1)
-        first = layers[0].norm1
+        modes = [bn_mode(bn) for bn in norms]
+        training, momentum = modes[0]
         return dense_block(
             x,
             [(_bn_args(m.norm1), m.conv1.weight, _bn_args(m.norm2), m.conv2.weight) for m in layers],
-            training=self.training,
-            momentum=first.momentum,
-            eps=first.eps,
+            training=training,
+            momentum=momentum,
+            eps=norms[0].eps,
             backend=self.backend,
         )
 

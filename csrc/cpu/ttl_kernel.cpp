@@ -152,7 +152,9 @@ void build_source(const at::Tensor& x, const T* scale, const T* shift, const Pro
   const int64_t plane = g.Hs * g.Ws * C;
   at::parallel_for(0, pb.N * g.Ts, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> z(g.H * g.W * C), cur(plane), next(plane);
-    int64_t cached = -1;  // (n*Ts + ts) whose spatial box plane is in `cur`
+    // (n*Ts + ts) whose spatial box plane is in `cur`. The plane after a sample's last frame is that sample's
+    // padding, not frame 0 of the next sample: never carried over a sample boundary.
+    int64_t cached = -1;
     auto spatial = [&](int64_t n, int64_t tp, T* out) {  // tp: padded frame index
       const int64_t t = tp - g.front;
       const bool valid = t >= 0 && t < g.T;
@@ -171,7 +173,7 @@ void build_source(const at::Tensor& x, const T* scale, const T* shift, const Pro
       const T k = box_weight<T>();
       for (int64_t i = 0; i < plane; ++i) out[i] = (cur[i] + next[i]) * k;
       std::swap(cur, next);
-      cached = idx + 1;
+      cached = ts + 1 < g.Ts ? idx + 1 : -1;
     }
   });
 }
