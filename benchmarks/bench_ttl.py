@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from benchmarks.harness import BenchConfig, Case, Contender, Skip, compiled, fused_backends, parse_ints
+from .harness import BenchConfig, Case, Contender, Skip, compiled, fused_backends, parse_ints
 
 OP = "ttl"
 
@@ -144,9 +144,9 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
     return result
 
 
-if __name__ == "__main__":  # `python benchmarks/bench_ttl.py [t3d-bench options]`: the TTL rows of the suite
+if __name__ == "__main__":  # `python -m benchmarks.bench_ttl [t3d-bench options]`: the TTL rows of the suite
     import sys
 
-    from benchmarks.__main__ import main
+    from .cli import main
 
     sys.exit(main(["--ops", "ttl", *sys.argv[1:]]))

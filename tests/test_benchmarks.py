@@ -10,7 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 
-import benchmarks.__main__ as cli
+import benchmarks.cli as cli
 from benchmarks import bench_model, bench_ttl
 from benchmarks.harness import (
     COLUMNS,
@@ -181,7 +181,7 @@ def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
 
 
 def test_missing_op_module_is_skipped_not_crashed(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(cli.OP_MODULES, "ghost", "benchmarks.bench_ghost_op_that_does_not_exist")
+    monkeypatch.setitem(cli.OP_MODULES, "ghost", ".bench_ghost_op_that_does_not_exist")
     assert cli.main(["--ops", "ghost", "--out", str(tmp_path), "--no-plot"]) == 0
     rows = json.loads((tmp_path / "latest.json").read_text())["rows"]
     assert len(rows) == 1 and rows[0]["status"].startswith("skipped") and "bench_ghost" in rows[0]["status"]
@@ -226,7 +226,7 @@ def test_failing_and_skipped_contenders_get_status_rows():
     assert [r["status"] for r in rows] == ["error: MemoryError: big"] * 2
 
 
-def test_time_callable_counts_calls_and_respects_the_budget():
+def test_time_callable_counts_calls():
     calls = {"run": 0, "setup": 0}
 
     def setup():
@@ -240,9 +240,6 @@ def test_time_callable_counts_calls_and_respects_the_budget():
 
     timing = time_callable(run, torch.device("cpu"), repeats=5, warmup=2, setup=setup)
     assert len(timing.samples_ms) == 5 and calls == {"run": 8, "setup": 8}  # first + warm-up + repeats
-    # a zero budget cuts the repeats, never below 3
-    timing = time_callable(run, torch.device("cpu"), repeats=5, warmup=1, setup=setup, time_budget_s=0.0)
-    assert len(timing.samples_ms) == 3
 
 
 def test_timing_median_and_iqr():
