@@ -19,11 +19,13 @@ CONTENDER_KINDS = ("baseline", "fused", "compile", "other")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TIMERS = ("wall", "kernel")
 
-# Largest max-abs-difference / max-abs of the baseline's output that a contender may show before its row is an
-# error row (no speed-up published): a few times the error of PyTorch's own reference against float64 in that
-# precision. Measured here: float32 TTL1 forward 2e-7, T3D-121 logits (eval, clip 32x112x112) 1e-6; TF32 convs
-# (10-bit mantissa) ~1e-3; bf16 (8-bit) ~1e-2 per op, growing with depth through a whole model.
-TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "tf32": 1e-2, "float16": 2e-2, "bfloat16": 1e-1}
+# Largest max-abs-difference / max-abs of the baseline's output that a contender may show before its rows are
+# error rows (no speed-up published): about 10-20x the error of PyTorch's own reference against float64 in that
+# precision, measured here (`t3d_kernels.reference` on TTL1 (1,256,16,28,28) and T3D-121 eval logits
+# at clip 1x3x32x112x112): float32 3e-7 / 5e-7 (the fused model vs eager: 5e-7); bf16 autocast 3e-3 / 6e-3 (fused
+# vs eager bf16: 5e-3). TF32 and fp16 keep a 10-bit mantissa (~8x bf16's precision). A real bug is far beyond
+# these (the batch >= 3 TTL bug of issue 11 was off by 15-86%).
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "tf32": 2e-2, "float16": 2e-2, "bfloat16": 5e-2}
 
 # columns of the CSV (and of every JSON row), in order
 COLUMNS = [

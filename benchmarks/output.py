@@ -106,6 +106,28 @@ def _notes(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     return marks, notes
 
 
+def _fit_lines(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The largest-batch rows (pass "fit") as cells: model and clip, contender, largest batch, vs eager."""
+    eager = {r["shape"]: r.get("max_batch") for r in rows if r["contender"] == "eager"}
+    lines = []
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append([r["shape"], r["contender"], r["status"], ""])
+            continue
+        batch = f"{r['max_batch']}" + (" (search limit)" if r.get("max_batch_limited") else "")
+        base = eager.get(r["shape"])
+        ratio = "1 (base)" if r["contender"] == "eager" else (f"{r['max_batch'] / base:.1f}x" if base else "-")
+        lines.append([r["shape"], r["contender"], batch, ratio])
+    return lines
+
+
+FIT_HEADER = ["model", "contender", "largest training batch that fits", "vs eager"]
+
+
+def _split_fit(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return [r for r in rows if r["pass"] != "fit"], [r for r in rows if r["pass"] == "fit"]
+
+
 def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> str:
     """The result as a Markdown table (for docs/benchmarks.md), headed by the machine and the command, with a
     footnote for every row that is not ok."""
@@ -128,6 +150,7 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = Non
         lines.append(f"Command: `{meta['command']}`")
     if lines:
         lines.append("")
+    rows, fit = _split_fit(rows)
     opt = _columns(rows)
     header = _header(opt, split=True)
     fixed = 5 if opt["precision"] else 4
@@ -141,6 +164,9 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = Non
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     if notes:
         lines += [""] + [note.replace("|", "/") + "  " for note in notes]
+    if fit:
+        lines += ["", "| " + " | ".join(FIT_HEADER) + " |", "|---|---|--:|--:|"]
+        lines += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in _fit_lines(fit)]
     return "\n".join(lines) + "\n"
 
 
@@ -163,6 +189,7 @@ def print_table(rows: list[dict[str, Any]], console: Any = None) -> None:
         print(f"(rich is not installed: plain table; {MISSING_EXTRA} for the terminal table)")
         return
     console = console or Console()
+    rows, fit = _split_fit(rows)
     opt = _columns(rows)
     table = Table(header_style="bold", pad_edge=False)
     for name in _header(opt):
@@ -181,6 +208,13 @@ def print_table(rows: list[dict[str, Any]], console: Any = None) -> None:
     console.print(table)
     for note in notes:
         console.print(note, style="yellow", markup=False, highlight=False)
+    if fit:
+        fit_table = Table(header_style="bold", pad_edge=False)
+        for name in FIT_HEADER:
+            fit_table.add_column(name, justify="left" if name in ("model", "contender") else "right")
+        for cells in _fit_lines(fit):
+            fit_table.add_row(*(escape(c) for c in cells))
+        console.print(fit_table)
 
 
 def write_plot(path: Path, rows: list[dict[str, Any]], title: str = "") -> Path | None:
@@ -191,11 +225,12 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str = "") -> Path 
         return None
     try:
         import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     except ImportError:
         print(f"matplotlib is not installed: no plot ({MISSING_EXTRA})")
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     several = len({r.get("precision") for r in timed}) > 1
     label = lambda r: f"{r['contender']} {r['precision']}" if several else r["contender"]  # noqa: E731
