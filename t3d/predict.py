@@ -117,7 +117,7 @@ class Predictor:
         TTLs and dense blocks ("auto": the fused kernels), ``device`` "auto" (CUDA when available), "cpu", ..."""
         from .checkpoint import extract_state_dict, load_checkpoint
         from .distributed import resolve_device
-        from .train import build_model
+        from .models import build_model
 
         ckpt = load_checkpoint(path)
         meta = ckpt.get("meta") or {}
