@@ -171,11 +171,12 @@ class Case:
     flops: forward FLOPs of the *reference* (multiply-add = 2), used for every contender's GFLOP/s.
     build: () -> list[Contender], called when the case runs; may raise :class:`Skip`.
     roof_gemm: (M, K, N) of the sgemm measured as this case's roof (a GEMM of similar size).
-    tolerance: largest relative error of a contender's forward output vs the baseline's (None: the run's
-        precision's default, :data:`TOLERANCE`); a contender beyond it gets error rows, not a speed-up.
-    compile: False drops the case's "compile" contenders (so do ``cfg.compile_batches`` without its batch).
     info: extra fields recorded in the JSON (the shape's parameters). Its "batch", or else the first size of its
         "input" (or "clip"), is the case's batch size.
+    tolerance: largest relative error of a contender's forward output vs the baseline's (None: the run's
+        precision's default, :data:`TOLERANCE`); a contender beyond it gets error rows, not a speed-up. ``math.inf``
+        for cases whose contenders compute different outputs by design (no output check).
+    compile: False drops the case's "compile" contenders (so do ``cfg.compile_batches`` without its batch).
     """
 
     op: str
@@ -183,9 +184,9 @@ class Case:
     flops: float
     build: Callable[[], list[Contender]]
     roof_gemm: tuple[int, int, int] = (2048, 2048, 256)
+    info: dict[str, Any] = field(default_factory=dict)
     tolerance: float | None = None
     compile: bool = True  # keep its "compile" contenders (the CLI compiles only the smallest batch by default)
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:

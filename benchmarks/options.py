@@ -15,6 +15,7 @@ OP_MODULES = {
     "ttl": ".bench_ttl",
     "dense_block": ".bench_dense_block",
     "model": ".bench_model",
+    "data": ".bench_data",
 }
 _HERE = Path(__file__).resolve().parent
 # in a checkout, benchmarks/results/ (the layout the docs show); installed, a folder in the working directory

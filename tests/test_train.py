@@ -25,7 +25,7 @@ from t3d.checkpoint import (
 )
 from t3d.cli import main as cli_main
 from t3d.models import t3d_tiny
-from t3d.train import (
+from t3d.training import (
     StepOutput,
     TrainConfig,
     WarmupSchedule,
@@ -198,7 +198,7 @@ def test_trainer_with_a_custom_step_function(tmp_path, capsys):
     from torch.utils.data import DataLoader
 
     from t3d.data import EpochSampler
-    from t3d.train import Trainer, make_scheduler
+    from t3d.training import Trainer, make_scheduler
 
     torch.manual_seed(0)
     model = nn.Linear(3, 1)

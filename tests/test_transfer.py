@@ -15,7 +15,7 @@ from t3d.checkpoint import load_model_weights
 from t3d.cli import main as cli_main
 from t3d.data import EpochSampler, collate_clips, make_loader
 from t3d.models import DenseNet2d, t3d_tiny
-from t3d.train import TrainConfig, Trainer, make_optimizer
+from t3d.training import TrainConfig, Trainer, make_optimizer
 from t3d.transfer import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -419,7 +419,8 @@ class VideoDataset(Dataset):
         else:
             starts = uniform_starts(num, self.span, self.num_clips)
         indices = [s + i * self.frame_stride for s in starts for i in range(self.clip_len)]
-        frames = read_frames(path, indices)
+        # FFmpeg resizes to the transform's short side while converting (a full-resolution float clip costs more)
+        frames = read_frames(path, indices, short_side=getattr(self.transform, "resize", None))
         out = []
         for k in range(len(starts)):
             f = frames[k * self.clip_len : (k + 1) * self.clip_len]
