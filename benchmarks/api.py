@@ -93,6 +93,7 @@ class BenchConfig:
     check: bool = True  # compare each contender's forward output with the baseline's (max_rel_err)
     precision: str = "fp32"
     timer: str = "wall"  # "wall": perf_counter on CPU, CUDA events on GPU; "kernel": profiler's GPU kernel time
+    profile: bool = False  # CUDA: record the fused contenders' top kernels per pass (row "kernels")
     seed: int = 0
 
     def __post_init__(self) -> None:

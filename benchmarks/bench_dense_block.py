@@ -49,49 +49,22 @@ def dense_block_flops(shape: tuple[int, ...], layers: int, growth: int = GROWTH,
     return sum(2.0 * p * (b * (c0 + i * growth) + growth * b * 27) for i in range(layers))
 
 
-def make_inputs(shape, layers, device, dtype, seed=0, growth=GROWTH, bn_size=BN_SIZE):
-    """(x, layers) for :func:`t3d_kernels.reference.dense_block`, the x and parameters requiring grad."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    n, c0, t, h, w = shape
+def make_inputs(shape, layers, cfg: BenchConfig) -> tuple[torch.Tensor, list, list[torch.Tensor]]:
+    """(x, layers, tensors requiring grad) of the block (growth 32, bn_size 4), from the op's one input builder
+    (:func:`t3d_kernels.testing.dense_block_input`: the tests' inputs too)."""
+    from t3d_kernels.testing import dense_block_input
 
-    def rand(*size, scale=1.0, shift=0.0):
-        return (torch.randn(size, generator=gen) * scale + shift).to(device, dtype)
-
-    # a non-negative input with a non-zero mean, as after the stem's / a TTL's ReLU
-    x = rand(n, c0, t, h, w).relu_().requires_grad_()
-    spec = []
-    c = c0
-    b = bn_size * growth
-    for _ in range(layers):
-        norm1 = [
-            rand(c, scale=0.1, shift=1.0).requires_grad_(),
-            rand(c, scale=0.1).requires_grad_(),
-            rand(c, scale=0.1),
-            (torch.rand(c, generator=gen) + 0.5).to(device, dtype),
-        ]
-        norm2 = [
-            rand(b, scale=0.1, shift=1.0).requires_grad_(),
-            rand(b, scale=0.1).requires_grad_(),
-            rand(b, scale=0.1),
-            (torch.rand(b, generator=gen) + 0.5).to(device, dtype),
-        ]
-        w1 = rand(b, c, 1, 1, 1, scale=(2.0 / c) ** 0.5).requires_grad_()
-        w2 = rand(growth, b, 3, 3, 3, scale=(2.0 / (27 * b)) ** 0.5).requires_grad_()
-        spec.append((norm1, w1, norm2, w2))
-        c += growth
-    return x, spec
-
-
-def grad_tensors(x, spec) -> list[torch.Tensor]:
-    return [x] + [t for norm1, w1, norm2, w2 in spec for t in (norm1[0], norm1[1], w1, norm2[0], norm2[1], w2)]
+    device, dtype = cfg.torch_device, cfg.torch_dtype
+    sample = dense_block_input(shape, layers, GROWTH, BN_SIZE, device=device, dtype=dtype, seed=cfg.seed)
+    x, spec = sample.args
+    return x, spec, list(sample.differentiable.values())
 
 
 def _contenders(shape, layers, cfg: BenchConfig) -> list[Contender]:
     from t3d_kernels import reference
     from t3d_kernels.ops.dense_block import dense_block
 
-    x, spec = make_inputs(shape, layers, cfg.torch_device, cfg.torch_dtype, cfg.seed)
-    grads = grad_tensors(x, spec)
+    x, spec, grads = make_inputs(shape, layers, cfg)
 
     def eager(training: bool) -> torch.Tensor:
         return reference.dense_block(x, spec, training=training)

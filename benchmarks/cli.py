@@ -31,7 +31,7 @@ import torch
 from .api import COLUMNS, BenchConfig, Case, Skip
 from .machine import machine_info
 from .options import OP_MODULES, build_parser, compile_smallest_batch, config_from_args
-from .output import markdown_table, print_table, write_csv, write_json, write_markdown, write_plot
+from .output import kernel_lines, markdown_table, print_table, write_csv, write_json, write_markdown, write_plot
 from .runner import check_fail_if_slower, run_cases
 
 
@@ -218,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.no_table:
         print_table(rows, console)
+    for line in kernel_lines(rows):
+        console.print(line, markup=False, highlight=False)
     written = [
         write_json(out / f"bench-{stamp}.json", rows, meta),
         write_csv(out / f"bench-{stamp}.csv", rows),

@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="wall",
         help="wall: perf_counter on CPU, CUDA events on GPU; kernel: the GPU kernels' time from torch.profiler",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="CUDA: print the top GPU kernels of every fused contender and pass (JSON: the rows' kernels)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument(
         "--batches",
@@ -202,10 +207,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         remeasure=args.remeasure,
         precision=args.precision[0],
         timer=args.timer,
+        profile=args.profile,
     )
     cfg.torch_dtype  # validates the dtype name  # noqa: B018
     if cfg.torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device: expected a device available here, got {args.device!r} (no CUDA)")
     if cfg.timer == "kernel" and cfg.torch_device.type != "cuda":
         raise ValueError(f"--timer: 'kernel' times GPU kernels and needs --device cuda, got {args.device!r}")
+    if cfg.profile and cfg.torch_device.type != "cuda":
+        raise ValueError(f"--profile: lists GPU kernels and needs --device cuda, got {args.device!r}")
     return cfg

@@ -217,6 +217,16 @@ def print_table(rows: list[dict[str, Any]], console: Any = None) -> None:
         console.print(fit_table)
 
 
+def kernel_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """``--profile``: the top GPU kernels of each profiled row, as text lines."""
+    lines = []
+    for r in rows:
+        if r.get("kernels"):
+            lines.append(f"{r['op']} {r['shape']} {r['pass']} {r.get('precision')} {r['contender']}: top kernels")
+            lines += [f"  {ms:9.3f} ms  x{calls:<4d} {name[:100]}" for name, ms, calls in r["kernels"]]
+    return lines
+
+
 def write_plot(path: Path, rows: list[dict[str, Any]], title: str = "") -> Path | None:
     """Bar chart of the speed-up vs the baseline per shape (x), one panel per pass, one bar per contender (and
     precision). Returns None when there is nothing to plot (no published speed-up) or matplotlib is missing."""

@@ -26,7 +26,7 @@ import torch
 
 from .api import COLUMNS, PASS_FLOP_FACTOR, BenchConfig, Case, Contender, Skip
 from .roof import sgemm_gflops
-from .timing import Timer, Timing, cuda_peak_mb, interleaved, make_timer, saved_tensor_bytes, warm_up
+from .timing import Timer, Timing, cuda_peak_mb, interleaved, make_timer, saved_tensor_bytes, top_kernels, warm_up
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -316,8 +316,8 @@ def _short(row: dict[str, Any]) -> str:
 
 
 def _probe_memory(e: _Entry, pass_: str, cfg: BenchConfig) -> None:
-    """Saved activations (training passes) and, on CUDA, the pass's peak memory; a failure here only leaves the
-    column empty."""
+    """Saved activations (training passes) and, on CUDA, the pass's peak memory (and with ``cfg.profile`` the fused
+    contenders' top kernels); a failure here only leaves the column empty."""
     if e.row["ms"] is None:
         return
     try:
@@ -328,6 +328,8 @@ def _probe_memory(e: _Entry, pass_: str, cfg: BenchConfig) -> None:
         if cfg.torch_device.type == "cuda":
             run = (lambda: e.run(e.setup())) if e.setup is not None else e.run
             e.row["peak_mb"] = cuda_peak_mb(run, cfg.torch_device)
+            if cfg.profile and e.contender.kind == "fused":
+                e.row["kernels"] = top_kernels(run, cfg.torch_device)
     except Exception:  # noqa: BLE001 - e.g. out of memory in the probe after a successful timing
         pass
 

@@ -102,6 +102,18 @@ def kernel_timer(device: torch.device) -> Timer:
     return timer
 
 
+def top_kernels(run: Callable[[], Any], device: torch.device, top: int = 12) -> list[list[Any]]:
+    """[kernel name, GPU ms per call, calls] of the ``top`` kernels of one call of ``run`` by GPU time (CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        sync(device)
+    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0.0))
+    return [[e.key, getattr(e, "self_device_time_total", 0.0) / 1e3, e.count] for e in events[:top]]
+
+
 def make_timer(kind: str, device: torch.device) -> Timer:
     """The timer named ``kind`` ("wall" or "kernel", see :data:`benchmarks.api.TIMERS`) for ``device``."""
     if kind == "wall":

@@ -171,6 +171,9 @@ def test_fail_if_slower_exit_status(tmp_path, capsys, speedup, ratio, status):
         (["--shape", "model:99:1,32,112,112"], "--shape"),
         (["--shape", "model:1,4,8,8"], "clip"),
         (["--repeats", "0"], "--repeats"),
+        (["--device", "cpu", "--timer", "kernel"], "--timer"),
+        (["--device", "cpu", "--profile"], "--profile"),
+        (["--noise", "0"], "--noise"),
         (["--dtype", "float33"], "dtype"),
         (["--from-json", "/nonexistent/x.json"], "--from-json"),
     ],
@@ -178,6 +181,12 @@ def test_fail_if_slower_exit_status(tmp_path, capsys, speedup, ratio, status):
 def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
     assert cli.main(argv + ["--list"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_unknown_precision_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--precision", "fp64", "--list"])
+    assert exc.value.code == 2 and "--precision: expected values from ['fp32', 'bf16', 'fp16']" in capsys.readouterr().err
 
 
 def test_missing_op_module_is_skipped_not_crashed(monkeypatch, tmp_path, capsys):
