@@ -42,6 +42,7 @@ COLUMNS = [
     "repeats",
     "measurements",
     "warmup_calls",
+    "free_cores",
     "speedup",
     "gflops",
     "pct_roof",

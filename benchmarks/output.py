@@ -229,9 +229,9 @@ def kernel_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def write_plot(path: Path, rows: list[dict[str, Any]], title: str = "") -> Path | None:
     """Bar chart of the speed-up vs the baseline per shape (x), one panel per pass, one bar per contender (and
-    precision). Returns None when there is nothing to plot (no published speed-up) or matplotlib is missing."""
+    precision); without a published speed-up, a figure saying so. Returns None without rows or without matplotlib."""
     timed = [r for r in rows if r.get("speedup") is not None and r["kind"] != "baseline"]
-    if not timed:
+    if not rows:
         return None
     try:
         import matplotlib
@@ -241,6 +241,14 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str = "") -> Path 
     except ImportError:
         print(f"matplotlib is not installed: no plot ({MISSING_EXTRA})")
         return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not timed:  # a figure that says so, rather than a missing file
+        fig = plt.figure(figsize=(6.0, 1.5))
+        fig.text(0.5, 0.5, "no speed-up published: every row is noisy, failed or skipped (see the table)", ha="center")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
 
     several = len({r.get("precision") for r in timed}) > 1
     label = lambda r: f"{r['contender']} {r['precision']}" if several else r["contender"]  # noqa: E731
@@ -274,8 +282,6 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str = "") -> Path 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -9,14 +9,17 @@ answer). Then, per pass, every contender:
 3. is timed in rounds *interleaved* with the other contenders of the pass, so a disturbance of the machine hits
    them all alike (:func:`benchmarks.timing.interleaved`).
 
-When a row's IQR is more than ``cfg.noise`` of its median, the whole pass is measured again (interleaved, all
-contenders), at most ``cfg.remeasure`` times; a row that stays so is marked ``noisy``, and no speed-up is published
-from a noisy row or against a noisy baseline.
+When a row's IQR is more than ``cfg.noise`` of its median, or (on CPU) other processes left fewer free cores than
+the run's threads while the pass was timed (:class:`benchmarks.timing.CpuContention`: a competing process that
+slows every call alike leaves the IQR small), the whole pass is measured again (interleaved, all contenders), at
+most ``cfg.remeasure`` times; a row that stays so is marked ``noisy``, and no speed-up is published from a noisy
+row or against a noisy baseline.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +29,17 @@ import torch
 
 from .api import COLUMNS, PASS_FLOP_FACTOR, BenchConfig, Case, Contender, Skip
 from .roof import sgemm_gflops
-from .timing import Timer, Timing, cuda_peak_mb, interleaved, make_timer, saved_tensor_bytes, top_kernels, warm_up
+from .timing import (
+    CpuContention,
+    Timer,
+    Timing,
+    cuda_peak_mb,
+    interleaved,
+    make_timer,
+    saved_tensor_bytes,
+    top_kernels,
+    warm_up,
+)
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -167,8 +180,20 @@ def _check_outputs(
     return first_ms, errors, dead
 
 
-def _measure_pass(entries: list[_Entry], cfg: BenchConfig, timer: Timer, first_ms: dict[str, float]) -> None:
-    """First call, warm-up until stable, interleaved timed rounds, re-measured while some row is noisy."""
+def _free_cores(probe: CpuContention | None) -> float | None:
+    return None if probe is None else (os.cpu_count() or 1) - probe.stop()
+
+
+def _contended(free: float | None) -> bool:
+    """Fewer free cores than threads (10% slack) while the pass was timed."""
+    return free is not None and free < 0.9 * torch.get_num_threads()
+
+
+def _measure_pass(
+    entries: list[_Entry], cfg: BenchConfig, timer: Timer, first_ms: dict[str, float], probe: CpuContention | None
+) -> None:
+    """First call, warm-up until stable, interleaved timed rounds, re-measured while some row is noisy or the
+    machine was contended."""
     live = []
     for e in entries:
         try:
@@ -206,11 +231,15 @@ def _measure_pass(entries: list[_Entry], cfg: BenchConfig, timer: Timer, first_m
             return math.nan
 
     for attempt in range(1 + max(0, cfg.remeasure)):
+        if probe is not None:
+            probe.start()
         samples = interleaved([lambda i=i: timed(i) for i in range(len(live))], repeats)
+        free = _free_cores(probe)
         for i, e in enumerate(live):
             e.timing = Timing(samples[i], first_call_ms=e.first_ms) if i not in failed else None
-            e.row["measurements"] = attempt + 1
-        if not any(e.timing is not None and e.timing.iqr_fraction > cfg.noise for e in live):
+            e.row.update(measurements=attempt + 1, free_cores=free)
+        noisy = any(e.timing is not None and e.timing.iqr_fraction > cfg.noise for e in live)
+        if not noisy and not _contended(free):
             break
     for i, e in enumerate(live):
         if i in failed:
@@ -239,6 +268,11 @@ def _fill(e: _Entry, cfg: BenchConfig, roof: float) -> None:
             f"noisy: IQR {100 * timing.iqr_fraction:.0f}% of the median (limit {100 * cfg.noise:.0f}%) "
             f"in each of {row['measurements']} measurements"
         )
+    elif _contended(row["free_cores"]):
+        row["status"] = (
+            f"noisy: other processes left {row['free_cores']:.1f} of {os.cpu_count()} cores free for "
+            f"{row['threads']} thread(s) in each of {row['measurements']} measurements"
+        )
 
 
 def run_cases(
@@ -247,15 +281,19 @@ def run_cases(
     progress: Callable[[str], None] | None = None,
     roofs: dict[str, float] | None = None,
     timer: Timer | None = None,
+    probe: CpuContention | None = None,
 ) -> list[dict[str, Any]]:
     """Run every case, pass and contender; return one row (dict with :data:`COLUMNS`) each.
 
     A contender that raises gets a row with ``status="error: ..."`` instead of stopping the suite; a case
     whose build raises :class:`Skip` gets one ``status="skipped: ..."`` row per pass. ``progress(msg)`` is called
     after every pass. ``roofs`` (optional) collects the sgemm GFLOP/s per "MxKxN". ``timer`` replaces the timer
-    of ``cfg.timer`` (tests inject a fake one).
+    of ``cfg.timer`` and ``probe`` the CPU-contention probe (default on CPU: :class:`CpuContention` where
+    /proc/stat exists; with an injected timer none unless given): tests inject fakes.
     """
     device, dtype = cfg.torch_device, cfg.torch_dtype
+    if probe is None and timer is None and device.type == "cpu" and CpuContention.available():
+        probe = CpuContention()
     timer = timer or make_timer(cfg.timer, device)
     roofs = {} if roofs is None else roofs
     rows: list[dict[str, Any]] = []
@@ -294,7 +332,7 @@ def run_cases(
                 if contender.name not in dead:
                     setup, run = pass_runner(contender, pass_, grad_out, cfg)
                     entries.append(_Entry(contender, row, setup, run))
-            _measure_pass(entries, cfg, timer, first_fwd if pass_ == "forward" else {})
+            _measure_pass(entries, cfg, timer, first_fwd if pass_ == "forward" else {}, probe)
             for e in entries:
                 _fill(e, cfg, roofs[roof_key])
                 _probe_memory(e, pass_, cfg)

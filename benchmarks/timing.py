@@ -8,6 +8,7 @@ test can inject a fake one (scripted times, no clock) and check what the harness
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -121,6 +122,40 @@ def make_timer(kind: str, device: torch.device) -> Timer:
     if kind == "kernel":
         return kernel_timer(device)
     raise ValueError(f"timer: expected 'wall' or 'kernel', got {kind!r}")
+
+
+class CpuContention:
+    """How many cores' worth of CPU other processes (and the hypervisor's steal) used while a measurement ran,
+    from Linux's ``/proc/stat`` minus this process's own CPU time: a competing process is seen directly, even
+    when it slows every call alike (which leaves the IQR small). ``start()``, then ``stop() -> cores``."""
+
+    def __init__(self) -> None:
+        self._t0 = self._busy0 = self._own0 = 0.0
+
+    @staticmethod
+    def available() -> bool:
+        return os.path.exists("/proc/stat")
+
+    @staticmethod
+    def _busy_s() -> float:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal [guest guest_nice: already counted in user/nice]
+        busy = fields[0] + fields[1] + fields[2] + sum(fields[5:8])
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_s() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def start(self) -> None:
+        self._t0, self._busy0, self._own0 = time.perf_counter(), self._busy_s(), self._own_s()
+
+    def stop(self) -> float:
+        wall = time.perf_counter() - self._t0
+        others = (self._busy_s() - self._busy0) - (self._own_s() - self._own0)
+        return max(0.0, others / wall) if wall > 0 else 0.0
 
 
 def stable(times: Sequence[float], tol: float, window: int = STABLE_WINDOW) -> bool:
