@@ -30,6 +30,7 @@ __all__ = [
     "frame_index",
     "is_video_path",
     "count_frames",
+    "video_fps",
     "read_frames",
     "write_video",
 ]
@@ -84,6 +85,26 @@ def count_frames(path: str) -> int:
         raise
     except Exception as exc:  # noqa: BLE001 - PyAV/FFmpeg raise many error types for broken files
         raise VideoReadError(f"{path}: cannot read video ({type(exc).__name__}: {exc})") from exc
+
+
+def video_fps(path: str) -> float | None:
+    """Frames per second of a video file (the stream's average rate, else FFmpeg's guess); None for a frame folder
+    or a stream that states no rate. Raises :class:`VideoReadError`."""
+    if os.path.isdir(path):
+        return None
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+    except VideoReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PyAV/FFmpeg raise many error types for broken files
+        raise VideoReadError(f"{path}: cannot read video ({type(exc).__name__}: {exc})") from exc
+    return float(rate) if rate else None
 
 
 def _frame_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
