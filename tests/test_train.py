@@ -311,8 +311,9 @@ def test_schedule_and_optimizer_defaults():
         TrainConfig(schedule="linear")
 
 
-def test_skipped_videos_are_counted_in_training(tmp_path):
-    """A dataset with an empty, a corrupt and a too-short video trains; every epoch reports the 3 skipped."""
+def test_skipped_videos_are_counted_in_training(tmp_path, capfd):
+    """A dataset with an empty, a corrupt and a too-short video trains; every epoch reports the 3 skipped, and each
+    skip is one clean line (no Python warning with its source line)."""
     from _synthetic_fixtures import write_motion_video
 
     root = tmp_path / "mixed"
@@ -326,6 +327,12 @@ def test_skipped_videos_are_counted_in_training(tmp_path):
     log = _train(str(root), tmp_path / "out", "--epochs", "2", "--batch-size", "6", "--workers", "1",
                  "--backend", "reference", "--split", "all", "--hflip", "off")
     assert [r["skipped"] for r in log] == [3, 3] and [r["clips"] for r in log] == [9, 9]
+    err = capfd.readouterr().err.splitlines()
+    assert sum(line.startswith("skipping video ") for line in err) == 6, err  # 3 per epoch, from the worker
+    assert [line for line in err if line.startswith("epoch ")] == [
+        f"epoch {e}: skipped 3 unreadable/too-short videos" for e in (1, 2)
+    ]
+    assert not [line for line in err if "Warning" in line or "warnings.warn" in line], err
 
 
 @pytest.mark.parametrize(
