@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -245,8 +244,9 @@ class Trainer:
         elapsed = max(time.perf_counter() - start_time, 1e-9)
         total = all_reduce_sum(torch.cat([sums, torch.tensor([skipped_epoch, clips_seen], dtype=torch.float64)]), ctx)
         self.skipped += int(total[4])
-        if int(total[4]):
-            warnings.warn(f"epoch {self.epoch + 1}: skipped {int(total[4])} unreadable/too-short videos", stacklevel=2)
+        if int(total[4]) and ctx.is_main and not cfg.progress:
+            # with progress on, the epoch line below carries the count
+            print(f"epoch {self.epoch + 1}: skipped {int(total[4])} unreadable/too-short videos", file=sys.stderr)
         record = {
             "epoch": self.epoch + 1,
             "step": self.step,
