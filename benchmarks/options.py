@@ -16,6 +16,7 @@ OP_MODULES = {
     "dense_block": ".bench_dense_block",
     "model": ".bench_model",
     "data": ".bench_data",
+    "export": ".bench_export",
 }
 _HERE = Path(__file__).resolve().parent
 # in a checkout, benchmarks/results/ (the layout the docs show); installed, a folder in the working directory

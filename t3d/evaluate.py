@@ -1,7 +1,8 @@
 """Evaluation: clip-level and video-level top-1/top-5 accuracy, confusion matrix (CSV + PNG); ``t3d eval``.
 
-Clip level: every sampled clip is classified on its own. Video level: the softmax scores of a video's ``num_clips``
-uniformly spread clips are averaged, as in the paper's testing protocol. The confusion matrix is video-level
+Clip level: every sampled view is classified on its own. Video level: the softmax scores of a video's views are
+averaged, as in the paper's testing protocol: ``num_clips`` uniformly spread clips, each one center crop or (``--crops
+3``) three crops along the long side (the "10 x 3 views" peers report). The confusion matrix is video-level
 (rows: true class, columns: predicted class).
 
 Reusable: :func:`evaluate` (a model and a test-mode loader -> metrics), :func:`topk_correct`,
@@ -48,7 +49,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run ``model`` in eval mode over a loader of test-mode batches.
 
-    Batches: {"clips": (N, K, 3, T, H, W) (or (N, 3, T, H, W) for K = 1), "labels": (N,), "count", "skipped"}.
+    Batches: {"clips": (N, K, 3, T, H, W) (or (N, 3, T, H, W) for K = 1, or (N, K, S, 3, T, H, W) for K clips x S
+    spatial crops), "labels": (N,), "count", "skipped"}. Every view (clip x crop) counts as one clip.
     Returns {"clip_top1", "clip_top5", "video_top1", "video_top5" (fractions), "clips", "videos", "skipped",
     "confusion": (C, C) int64 tensor, "video_scores": (V, C), "video_labels": (V,), "video_indices": (V,)}.
     """
@@ -71,6 +73,7 @@ def evaluate(
         clips = batch["clips"]
         if clips.dim() == 5:
             clips = clips[:, None]
+        clips = clips.flatten(1, -5)  # (N, views, 3, T, H, W): K clips x S crops
         n, k = clips.shape[:2]
         labels = batch["labels"]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -166,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     clip = [int(v) for v in meta["clip"]]
-    transform = ClipTransform(clip[1:], resize=meta.get("resize"), train=False)
+    transform = ClipTransform(clip[1:], resize=meta.get("resize"), train=False, crops=args.crops)
     dataset = build_dataset(
         args.data_dir,
         format=args.format,
@@ -203,7 +206,9 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         k: result[k] for k in ("clip_top1", "clip_top5", "video_top1", "video_top5", "clips", "videos", "skipped")
     }
-    summary.update(checkpoint=os.path.abspath(args.checkpoint), split=args.split, clips_per_video=args.clips)
+    summary.update(
+        checkpoint=os.path.abspath(args.checkpoint), split=args.split, clips_per_video=args.clips, crops=args.crops
+    )
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(out, "predictions.csv"), "w", newline="") as f:
@@ -221,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
                 ]
             )
     print(
-        f"{summary['videos']} videos ({summary['clips']} clips, {summary['skipped']} skipped): "
+        f"{summary['videos']} videos ({summary['clips']} {'views' if args.crops > 1 else 'clips'}, "
+        f"{summary['skipped']} skipped): "
         f"clip top-1 {summary['clip_top1']:.4f} top-5 {summary['clip_top5']:.4f} | "
         f"video top-1 {summary['video_top1']:.4f} top-5 {summary['video_top5']:.4f}; wrote {out}/confusion.csv, "
         "confusion.png, metrics.json, predictions.csv"
@@ -236,6 +242,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by t3d train (e.g. OUT/last.pt)")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     p.add_argument("--clips", type=int, default=5, help="uniformly spread clips per video (default 5)")
+    p.add_argument(
+        "--crops",
+        type=int,
+        default=1,
+        choices=(1, 3),
+        help="spatial crops per clip: 1 center crop (default) or 3 along the long side (the 10x3 views)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="videos per batch (default 4)")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES)
     p.add_argument("--out", default=None, help="output directory (default: next to the checkpoint, eval_<split>)")

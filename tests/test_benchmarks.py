@@ -195,7 +195,8 @@ def test_bad_arguments_exit_2_naming_the_argument(argv, message, capsys):
 def test_unknown_precision_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--precision", "fp64", "--list"])
-    assert exc.value.code == 2 and "--precision: expected values from ['fp32', 'bf16', 'fp16']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--precision: expected values from ['fp32', 'bf16', 'fp16']" in err
 
 
 def test_missing_op_module_is_skipped_not_crashed(monkeypatch, tmp_path, capsys):

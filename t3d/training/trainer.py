@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -26,7 +25,7 @@ from torch import nn
 from ..checkpoint import CHECKPOINT_FORMAT, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from ..distributed import DistContext, all_reduce_sum, unwrap, wrap_ddp
 from .amp import amp_settings
-from .batchnorm import freeze_batchnorm
+from .batchnorm import convert_sync_batchnorm, freeze_batchnorm
 from .config import TrainConfig
 from .step import StepOutput, classification_step
 
@@ -66,6 +65,9 @@ class Trainer:
         self.config = config or TrainConfig()
         self.ctx = ctx or DistContext()
         self.device = self.ctx.device
+        if self.config.sync_bn:
+            # before DDP: it must see the converted modules; parameters stay the same tensors (optimizer unchanged)
+            model = convert_sync_batchnorm(model)
         self.model = wrap_ddp(model.to(self.device), self.ctx)
         self.optimizer, self.scheduler, self.loader, self.step_fn = optimizer, scheduler, loader, step_fn
         self.meta = dict(meta or {})
@@ -245,8 +247,9 @@ class Trainer:
         elapsed = max(time.perf_counter() - start_time, 1e-9)
         total = all_reduce_sum(torch.cat([sums, torch.tensor([skipped_epoch, clips_seen], dtype=torch.float64)]), ctx)
         self.skipped += int(total[4])
-        if int(total[4]):
-            warnings.warn(f"epoch {self.epoch + 1}: skipped {int(total[4])} unreadable/too-short videos", stacklevel=2)
+        if int(total[4]) and ctx.is_main and not cfg.progress:
+            # with progress on, the epoch line below carries the count
+            print(f"epoch {self.epoch + 1}: skipped {int(total[4])} unreadable/too-short videos", file=sys.stderr)
         record = {
             "epoch": self.epoch + 1,
             "step": self.step,

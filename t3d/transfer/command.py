@@ -162,9 +162,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-weights", required=True, help="2D DenseNet weights file (torchvision key names)")
     p.add_argument(
         "--teacher",
-        default="auto",
-        choices=("auto", *TEACHERS),
-        help="teacher architecture (auto: the 2D twin of --model, DenseNet-121 for t3d121)",
+        default="densenet121",
+        choices=(*TEACHERS, "matching"),
+        help="2D teacher architecture, matching --teacher-weights (default densenet121, the paper's, for any "
+        "student; matching: the 2D twin of --model)",
     )
     p.add_argument(
         "--teacher-frames",

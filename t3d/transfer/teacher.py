@@ -21,7 +21,7 @@ def _densenet169() -> DenseNet2d:
     return DenseNet2d((6, 12, 32, 32))
 
 
-# teacher architectures; "auto" is the 2D twin of the student (DenseNet-121 for T3D-121, the tiny one for t3d_tiny)
+# teacher architectures by name; "matching" (not listed: it depends on the student) is the student's 2D twin
 TEACHERS: dict[str, Callable[[], DenseNet2d]] = {"densenet121": densenet121, "densenet169": _densenet169}
 
 
@@ -89,19 +89,21 @@ class FrozenTeacher(nn.Module):
 def build_teacher(
     student: T3D,
     weights: str | os.PathLike | Mapping[str, torch.Tensor],
-    arch: str = "auto",
+    arch: str = "densenet121",
     **kwargs: Any,
 ) -> FrozenTeacher:
-    """The frozen teacher for ``student``: a 2D DenseNet of ``arch`` ("auto": the student's 2D twin,
-    DenseNet-121 for T3D-121; or a name in :data:`TEACHERS`) loaded from ``weights`` (a file or a state_dict
-    with torchvision key names; the ImageNet classifier is not needed). ``kwargs`` go to :class:`FrozenTeacher`.
-    Missing keys, unexpected keys, wrong shapes or a file that is not a state_dict are a clear ValueError."""
-    if arch == "auto":
+    """The frozen teacher for ``student``: a 2D DenseNet of ``arch`` loaded from ``weights`` (a file or a state_dict
+    with torchvision key names; the ImageNet classifier is not needed). ``arch``: a name in :data:`TEACHERS` (the
+    paper's DenseNet-121 by default, whatever the student: the transfer head takes any pair of feature sizes) or
+    "matching", the student's 2D twin (DenseNet-169 for T3D-169, the tiny 2D net for ``t3d_tiny``).
+    ``kwargs`` go to :class:`FrozenTeacher`. Missing keys, unexpected keys, wrong shapes or a file that is not a
+    state_dict are a clear ValueError."""
+    if arch == "matching":
         model2d = densenet2d_like(student)
     elif arch in TEACHERS:
         model2d = TEACHERS[arch]()
     else:
-        raise ValueError(f"teacher arch: expected 'auto' or one of {sorted(TEACHERS)}, got {arch!r}")
+        raise ValueError(f"teacher arch: expected 'matching' or one of {sorted(TEACHERS)}, got {arch!r}")
     what = "teacher weights"
     if isinstance(weights, Mapping):
         if not all(isinstance(v, torch.Tensor) for v in weights.values()):
