@@ -209,13 +209,16 @@ def max_batch_rows(cfg: BenchConfig, cases: list[Case], limit: int = 1024) -> li
             if cfg.torch_device.type != "cuda":
                 rows.append(row | {"status": "skipped: the largest batch that fits is measured on CUDA only"})
                 continue
-            model = _build_model(arch, cfg.torch_device, cfg.torch_dtype, cfg.seed)
-            if name == "fused":
-                t3d_kernels.fuse(model)
-            start = max(c.info["clip"][0] for c in cases if c.op == OP)
-            batch, limited = largest_batch(functools.partial(_fits, model, clip, cfg), start, limit)
-            row.update(status="ok", max_batch=batch, batch=batch, max_batch_limited=limited)
+            try:
+                model = _build_model(arch, cfg.torch_device, cfg.torch_dtype, cfg.seed)
+                if name == "fused":
+                    t3d_kernels.fuse(model)
+                start = max(c.info["clip"][0] for c in cases if c.op == OP)
+                batch, limited = largest_batch(functools.partial(_fits, model, clip, cfg), start, limit)
+                row.update(status="ok", max_batch=batch, batch=batch, max_batch_limited=limited)
+                del model
+            except Exception as exc:  # noqa: BLE001 - a failed search is a row, not the end of the run
+                row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             rows.append(row)
-            del model
             torch.cuda.empty_cache()
     return rows

@@ -333,3 +333,34 @@ def test_model_spec_parsing():
 def test_plot_without_timed_rows_writes_nothing(tmp_path):
     assert write_plot(tmp_path / "p.png", []) is None
     assert not (tmp_path / "p.png").exists()
+
+
+def test_largest_batch_doubles_then_bisects():
+    calls = []
+
+    def fits(batch):
+        calls.append(batch)
+        return batch <= 100
+
+    assert bench_model.largest_batch(fits, 8, 1024) == (100, False)
+    assert calls == [8, 16, 32, 64, 128, 96, 112, 104, 100]
+    assert bench_model.largest_batch(lambda b: True, 8, 1024) == (1024, True)
+    assert bench_model.largest_batch(lambda b: True, 8, 1000) == (1000, True)
+    assert bench_model.largest_batch(lambda b: b <= 5, 8, 1024) == (5, False)
+
+
+def test_largest_batch_rows_are_skipped_off_cuda():
+    cases = bench_model.cases(BenchConfig(), ["tiny:2,16,32,32"])
+    rows = bench_model.max_batch_rows(BenchConfig(), cases)
+    assert [(r["pass"], r["contender"], r["kind"]) for r in rows] == [
+        ("fit", "eager", "baseline"),
+        ("fit", "fused", "fused"),
+    ]
+    assert all(r["status"] == "skipped: the largest batch that fits is measured on CUDA only" for r in rows)
+
+
+def test_model_default_shapes_per_device():
+    assert bench_model.default_shapes(BenchConfig()) == [("121", (1, 32, 112, 112))]
+    assert bench_model.default_shapes(BenchConfig(paper=True, model_batches=(2,))) == [("121", (2, 32, 224, 224))]
+    gpu = BenchConfig(device="cuda")  # only its device type is read: no CUDA needed
+    assert bench_model.default_shapes(gpu) == [("121", (n, 32, s, s)) for s in (112, 224) for n in (8, 16, 32)]
