@@ -1,14 +1,16 @@
 """t3d-kernels: fused kernels for Temporal 3D ConvNets (T3D, Diba et al. 2017).
 
-Ops: :func:`ttl` (multi-depth temporal convolution of the Temporal Transition Layer). Modules:
+Ops: :func:`ttl` (multi-depth temporal convolution of the Temporal Transition Layer) and :func:`dense_block`
+(concat-free DenseNet-3D block with shared batch statistics). Modules:
 :class:`TemporalTransition`, :class:`DenseLayer3d`, :class:`DenseBlock3d`; :func:`fuse` switches a model's
 modules to the fused backends. :mod:`t3d_kernels.reference` holds the plain-PyTorch ground truth.
+Architecture: docs/design.md.
 """
 
 from . import reference
 from .backends import BackendError, backends
 from .nn import DenseBlock3d, DenseLayer3d, TemporalTransition, fuse
-from .ops import ttl
+from .ops import dense_block, ttl
 
 __version__ = "0.1.0"
 
@@ -18,6 +20,7 @@ __all__ = [
     "DenseLayer3d",
     "TemporalTransition",
     "backends",
+    "dense_block",
     "fuse",
     "reference",
     "ttl",

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
-from .backends import _REGISTRY, BackendError, resolve
+from .backends import BackendError, declared, resolve
 from .ops.dense_block import dense_block
 from .ops.ttl import ttl
 
@@ -28,8 +27,8 @@ def split_channels(total: int, parts: int) -> list[int]:
 
 
 def _check_backend(op: str, backend: str) -> str:
-    if backend != "auto" and backend not in _REGISTRY[op]:
-        raise BackendError(f"backend: expected 'auto' or one of {sorted(_REGISTRY[op])}, got {backend!r}")
+    if backend != "auto" and backend not in declared(op):
+        raise BackendError(f"backend: expected 'auto' or one of {sorted(declared(op))}, got {backend!r}")
     return backend
 
 
@@ -147,6 +146,12 @@ def bn_mode(bn: nn.modules.batchnorm._BatchNorm) -> tuple[bool, float]:
     return training, momentum
 
 
+def _bn_relu(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """relu(bn(x)) in the BN module's own mode (:func:`bn_mode`), as the module itself would compute it."""
+    training, momentum = bn_mode(bn)
+    return F.relu(F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, momentum, bn.eps))
+
+
 class DenseLayer3d(nn.Module):
     """One DenseNet-3D layer (torchvision's names): norm1-relu1-conv1 (1x1x1 to bn_size*k), norm2-relu2-conv2
     (3x3x3 to k). Input (N, C, T, H, W), output the k new channels (N, k, T, H, W)."""
@@ -162,10 +167,8 @@ class DenseLayer3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # each BN in its own mode (a frozen norm1 with a training norm2 is a valid state)
-        train1, momentum1 = bn_mode(self.norm1)
-        h = F.conv3d(reference.bn_relu(x, *_bn_args(self.norm1), train1, momentum1, self.norm1.eps), self.conv1.weight)
-        train2, momentum2 = bn_mode(self.norm2)
-        z = reference.bn_relu(h, *_bn_args(self.norm2), train2, momentum2, self.norm2.eps)
+        h = F.conv3d(_bn_relu(x, self.norm1), self.conv1.weight)
+        z = _bn_relu(h, self.norm2)
         return F.conv3d(z, self.conv2.weight, padding=tuple(s // 2 for s in self.conv2.weight.shape[2:]))
 
 
@@ -209,7 +212,7 @@ class DenseBlock3d(_BackendModule):
             len({(bn.training, bn.momentum, bn.eps, bn.track_running_stats) for bn in norms}) == 1
             and norms[0].track_running_stats
         )
-        if not uniform or resolve("dense_block", self.backend, x.device) == "reference":
+        if not uniform or resolve("dense_block", self.backend, x.device, x.dtype) == "reference":
             features = [x]
             for layer in layers:
                 features.append(layer(torch.cat(features, 1)))
