@@ -5,17 +5,25 @@ Parameters and state_dict keys never depend on the backend: the backend is a pla
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import BackendError, declared, resolve
+from .backends import BackendError, declared, get, op_declaration, resolve
 from .ops.dense_block import dense_block
 from .ops.ttl import ttl
 
-__all__ = ["TemporalTransition", "DenseLayer3d", "DenseBlock3d", "bn_mode", "fuse", "split_channels"]
+__all__ = [
+    "TemporalTransition",
+    "DenseLayer3d",
+    "DenseBlock3d",
+    "autocast_support",
+    "bn_mode",
+    "fuse",
+    "split_channels",
+]
 
 
 def split_channels(total: int, parts: int) -> list[int]:
@@ -236,3 +244,30 @@ def fuse(model: nn.Module, backend: str = "auto") -> nn.Module:
         if isinstance(module, _BackendModule):
             module.backend = backend
     return model
+
+
+def autocast_support(
+    model_or_ops: nn.Module | str | Iterable[str], device_type: str, dtype: torch.dtype
+) -> tuple[bool, list[str]]:
+    """Whether the fused ops that ``model_or_ops`` may call run under ``torch.autocast(device_type, dtype)``, and the
+    reasons when they do not (empty when they do).
+
+    ``model_or_ops``: a model (its :class:`TemporalTransition` / :class:`DenseBlock3d` modules are checked with the
+    backend each resolves to on ``device_type``; one that runs plain PyTorch ops falls under autocast's own rules),
+    or op names ("ttl", "t3d::dense_block"). A model without fused modules is supported.
+    """
+    if isinstance(model_or_ops, nn.Module):
+        uses = [(m._op, m.backend) for m in model_or_ops.modules() if isinstance(m, _BackendModule)]
+    else:
+        ops = [model_or_ops] if isinstance(model_or_ops, str) else list(model_or_ops)
+        uses = [(op_declaration(op).op, "auto") for op in ops]
+    device = torch.device(device_type)
+    reasons = []
+    for op, backend in dict.fromkeys(uses):
+        try:
+            plain = "direct" in get(op, resolve(op, backend, device)).impl
+        except BackendError:  # the backend cannot run on this device type at all: the op's rule decides
+            plain = False
+        if not plain and dtype not in op_declaration(op).autocast.get(device_type, ()):
+            reasons.append(f"t3d::{op}: no autocast rule for {str(dtype).removeprefix('torch.')} on {device_type}")
+    return not reasons, reasons
