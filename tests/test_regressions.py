@@ -1,0 +1,204 @@
+"""Regression tests of bugs that shipped, each covering the bug's whole class rather than the one shape reported.
+
+1. CPU TTL, silently wrong (issue 11): the box pass of the cpu backend kept the spatial plane of the frame after
+   the current one as a cache for the next iteration; at a sample's last frame that plane is the sample's padding,
+   yet it was reused as frame 0 of the next sample. With temporal front padding 0 (every depth <= 2) frame 0 is real
+   data, so whenever a thread's share of (sample, frame) pairs crossed a sample boundary (batch >= 3 with 2 threads,
+   batch >= 2 with 1 thread) outputs and gradients were off by 15-86%. Covered here: every depth set whose front
+   padding is 0, batches 1-5, 1 and 2 threads, pooled and not, train and eval, output and every gradient.
+2. BN freezing missed fused dense blocks (issue 11): the fused block read the block's training flag, not its BN
+   modules'. Covered: every way of freezing (``freeze_batchnorm``, ``bn.eval()`` on the norms, a partial freeze)
+   on every backend that runs here.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import t3d_kernels as tk
+from t3d.models import t3d_tiny
+from t3d_kernels import reference
+from t3d_kernels.backends import BackendError, resolve
+
+# depth sets whose largest front padding (d-1)//2 is 0, plus two with a depth 3 (front padding 1) as contrast
+DEPTH_SETS = [(1,), (2,), (1, 1), (1, 2), (2, 1), (2, 2), (1, 2, 2), (1, 1, 2, 2), (1, 3), (2, 3)]
+
+
+def _cpu_backends(op: str) -> list[str]:
+    """Fused backends of ``op`` that run on CPU tensors in this process (triton only under TRITON_INTERPRET=1)."""
+    names = []
+    for name in tk.backends(op):
+        if name == "reference":
+            continue
+        try:
+            resolve(op, name, torch.device("cpu"))
+        except BackendError:
+            continue
+        names.append(name)
+    return names
+
+
+def _ttl_case(n, c, t, h, w, depths, kernel, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, t, h, w, generator=g, dtype=torch.float64)
+    weights = [
+        torch.randn(2 + i, c, d, *((1, 1) if d == 1 else (kernel, kernel)), generator=g, dtype=torch.float64)
+        for i, d in enumerate(depths)
+    ]
+    gamma = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    beta = torch.randn(c, generator=g, dtype=torch.float64) * 0.5
+    mean = torch.randn(c, generator=g, dtype=torch.float64) * 0.1
+    var = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    return x, gamma, beta, mean, var, weights
+
+
+def _ttl_run(backend, x, gamma, beta, mean, var, weights, training, pool):
+    leaves = [v.clone().requires_grad_() for v in (x, gamma, beta, *weights)]
+    rm, rv = mean.clone(), var.clone()
+    if backend == "reference":
+        y = reference.ttl(leaves[0], leaves[1], leaves[2], rm, rv, leaves[3:], training, 0.1, 1e-5, pool)
+    else:
+        y = tk.ttl(leaves[0], leaves[1], leaves[2], rm, rv, leaves[3:], training=training, pool=pool, backend=backend)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=y.dtype)
+    return [y.detach(), *torch.autograd.grad(y, leaves, gy), rm, rv]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+# triton (interpreted on CPU) is too slow for this many cases; the fuzz suite runs this class on it at tiny shapes
+@pytest.mark.parametrize("backend", [b for b in _cpu_backends("ttl") if b != "triton"])
+def test_ttl_batch_crossing_samples_every_shallow_depth_set(backend, threads):
+    """Bug 1's whole class: all shallow depth sets x batch 1-5 x pool x mode, on 1 and 2 threads (the thread
+    count decides where at::parallel_for splits the (sample, frame) range)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        failures = []
+        configs = itertools.product(DEPTH_SETS, (1, 2, 3, 4, 5), (True, False), (True, False))
+        for i, (depths, n, pool, training) in enumerate(configs):
+            t, h, w = (4, 5, 6) if i % 2 else (3, 6, 4)
+            case = _ttl_case(n, 5, t, h, w, depths, 3, seed=i)
+            want = _ttl_run("reference", *case, training, pool)
+            got = _ttl_run(backend, *case, training, pool)
+            names = ["y", "grad_x", "grad_gamma", "grad_beta"] + [f"grad_w{j}" for j in range(len(depths))]
+            names += ["running_mean", "running_var"]
+            for name, a, b in zip(names, got, want):
+                if not torch.allclose(a, b, rtol=1e-9, atol=1e-10 * max(1.0, b.abs().max().item())):
+                    rel = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                    failures.append(f"depths={depths} N={n} pool={pool} training={training} {name}: rel {rel:.2e}")
+        assert not failures, f"{len(failures)} mismatches, e.g.\n" + "\n".join(failures[:10])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_ttl_module_reported_shape():
+    """The exact configuration reported: TemporalTransition(16, 6, depths=(1,)) at (3, 16, 4, 6, 6), float32."""
+    torch.manual_seed(0)
+    m = tk.TemporalTransition(16, 6, depths=(1,), backend="cpu").train()
+    ref = tk.TemporalTransition(16, 6, depths=(1,), backend="reference").train()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(3, 16, 4, 6, 6)
+    y, y_ref = m(x), ref(x)
+    err = ((y - y_ref).abs().max() / y_ref.abs().max()).item()
+    assert err < 1e-5, f"relative error {err:.3e}"
+    torch.testing.assert_close(m.norm.running_mean, ref.norm.running_mean)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 2. BN modules are the one source of truth of the fused ops' mode
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _freeze_all(model):
+    from t3d.training import freeze_batchnorm
+
+    freeze_batchnorm(model)
+
+
+def _freeze_norms_by_hand(model):
+    # what other libraries' freeze helpers do: .eval() on every BatchNorm module, nothing else
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.eval()
+
+
+def _bn_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+
+
+def _tiny(backend):
+    torch.manual_seed(0)
+    model = t3d_tiny(num_classes=3).double()
+    return tk.fuse(model, backend)
+
+
+@pytest.mark.parametrize("freeze", [_freeze_all, _freeze_norms_by_hand], ids=["freeze_batchnorm", "bn_eval"])
+@pytest.mark.parametrize("backend", ["reference", *_cpu_backends("dense_block")])
+def test_frozen_bn_freezes_fused_ops(backend, freeze):
+    """After model.train() + freezing, a training step changes no running statistic, and the output equals the
+    model in eval mode (running statistics used), on every backend."""
+    model = _tiny(backend).train()
+    freeze(model)
+    before = _bn_state(model)
+    x = torch.randn(2, 3, 16, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    y_train = model(x)
+    y_train.square().mean().backward()
+    after_forward = _bn_state(model)
+    changed = [k for k in before if not torch.equal(before[k], after_forward[k])]
+    assert not changed, f"{len(changed)} running-statistic tensors changed with frozen BN: {changed[:5]}"
+    model.eval()
+    torch.testing.assert_close(y_train.detach(), model(x).detach(), rtol=1e-12, atol=1e-12)
+    model.train()
+    freeze(model)
+    opt.step()
+    model(x)
+    changed = [k for k, v in _bn_state(model).items() if not torch.equal(before[k], v)]
+    assert not changed, f"running statistics changed on the second step: {changed[:5]}"
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("dense_block"))
+def test_partially_frozen_block_matches_reference(backend):
+    """Only the first BN of every dense layer frozen (a mixed block): output, every gradient and the running
+    statistics equal the reference backend in the same state."""
+    results = []
+    for name in ("reference", backend):
+        model = _tiny(name).train()
+        for m in model.modules():
+            if isinstance(m, tk.DenseLayer3d):
+                m.norm1.eval()
+        x = torch.randn(2, 3, 16, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        y = model(x)
+        y.square().mean().backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        results.append((y.detach(), grads, _bn_state(model)))
+    (y0, g0, s0), (y1, g1, s1) = results
+    torch.testing.assert_close(y1, y0, rtol=1e-9, atol=1e-11)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-8, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
+    for k in s0:
+        torch.testing.assert_close(s1[k], s0[k], rtol=1e-9, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["reference", *_cpu_backends("ttl")])
+def test_bn_momentum_none_is_cumulative_average(backend):
+    """``momentum=None`` (cumulative moving average, PyTorch's semantics) on a TTL and a dense block."""
+    torch.manual_seed(0)
+    ttl = tk.TemporalTransition(6, 4, depths=(1, 3), backend=backend).double().train()
+    block = tk.DenseBlock3d(2, 5, growth_rate=3, bn_size=2, backend=backend).double().train()
+    for bn in [ttl.norm, *(m for m in block.modules() if isinstance(m, torch.nn.BatchNorm3d))]:
+        bn.momentum = None
+    xs = [torch.randn(2, 6, 4, 4, 4, dtype=torch.float64) for _ in range(3)]
+    for x in xs:
+        ttl(x)
+    stacked = torch.stack([x.mean((0, 2, 3, 4)) for x in xs])
+    torch.testing.assert_close(ttl.norm.running_mean, stacked.mean(0), rtol=1e-12, atol=1e-12)
+    assert int(ttl.norm.num_batches_tracked) == 3
+    x = torch.randn(2, 5, 3, 4, 4, dtype=torch.float64)
+    block(x)
+    block(x)
+    first = block.denselayer1.norm1
+    torch.testing.assert_close(first.running_mean, x.mean((0, 2, 3, 4)), rtol=1e-12, atol=1e-12)
+    assert int(first.num_batches_tracked) == 2
