@@ -42,10 +42,6 @@ REFERENCE = "t3d_kernels.reference"
 # exact modules, or (ending in ".") every module of a package
 REFERENCE_IMPORTERS = ("t3d_kernels", "t3d_kernels.testing", "t3d_kernels.ops.")
 
-# Known, owned exceptions, to be removed by their owner's fix: t3d.evaluate takes build_model, amp_settings and
-# add_common_data_args from t3d.train, which calls evaluate (issue 12, owned by the arch-trainer helper).
-KNOWN_CYCLE_EDGES = {("t3d.evaluate", "t3d.train")}
-
 
 def _modules() -> dict[str, Path]:
     out = {}
@@ -135,22 +131,11 @@ def test_graph_is_walked():
     assert "t3d_kernels.composite.dense_block" in graph["t3d_kernels.triton.dense_block"]
     assert "t3d_kernels.triton.ttl" in graph["t3d_kernels.ops.ttl"]
     assert "t3d_kernels.nn" in graph["t3d_kernels"]
+    assert {"t3d.train", "t3d.evaluate", "t3d.models"} <= set(graph)
 
 
 def test_no_import_cycle():
-    graph = _graph()
-    pruned = {v: {w for w in ws if (v, w) not in KNOWN_CYCLE_EDGES} for v, ws in graph.items()}
-    assert _cycles(pruned) == [], "import cycles (cut one arrow of each)"
-
-
-def test_known_cycle_exceptions_are_still_needed():
-    """An exception whose cycle is gone must be removed from KNOWN_CYCLE_EDGES."""
-    graph = _graph()
-    for edge in KNOWN_CYCLE_EDGES:
-        importer, imported = edge
-        assert imported in graph.get(importer, set()), f"{edge} no longer imported: remove it from the exceptions"
-        cycles = _cycles(graph)
-        assert any(importer in c and imported in c for c in cycles), f"{edge} is no cycle any more: remove it"
+    assert _cycles(_graph()) == [], "import cycles (cut one arrow of each)"
 
 
 def test_no_upward_arrow():
