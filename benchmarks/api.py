@@ -206,23 +206,20 @@ def compiled(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
 
 
 def fused_backends(op: str, cfg: BenchConfig) -> list[str]:
-    """The fused backends of ``op`` to run on ``cfg.device``: ``cfg.backends`` if given (one that is not built
-    gives error rows saying why), else every built one that runs natively there (cpu / cuda / triton; Triton on
-    CPU only runs interpreted, so it is left out), and "composite" when none is."""
-    from t3d_kernels.backends import BackendError, backends, resolve
+    """The fused backends of ``op`` to run on ``cfg.device``: those of ``cfg.backends`` the op declares (one that
+    is not built gives error rows saying why), else every built one that runs natively there for the run's dtype
+    (cpu / cuda / triton; Triton on CPU only runs interpreted, so it is left out), and "composite" when none is."""
+    from t3d_kernels.backends import backends, declared, get
 
     if cfg.backends is not None:
-        return list(cfg.backends)
+        return [b for b in cfg.backends if b in declared(op)]
     device = cfg.torch_device
     built = backends(op)
-
-    def runs_here(name: str) -> bool:
-        try:
-            return resolve(op, name, device) == name
-        except BackendError:
-            return False
-
-    native = [b for b in ("cpu", "cuda", "triton") if b in built and runs_here(b)]
+    native = [
+        b
+        for b in ("cpu", "cuda", "triton")
+        if b in built and not get(op, b).not_supported_reasons(device, cfg.torch_dtype)
+    ]
     if device.type == "cpu":
         native = [b for b in native if b != "triton"]
     if not native and "composite" in built:
