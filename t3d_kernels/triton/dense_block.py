@@ -109,7 +109,7 @@ def _bn_relu_kernel(h_ptr, scale_ptr, shift_ptr, out_ptr, C, P, BLOCK: tl.conste
     s = tl.load(scale_ptr + c)
     t = tl.load(shift_ptr + c)
     v = tl.load(h_ptr + row * P + offs, mask=m, other=0.0)
-    tl.store(out_ptr + row * P + offs, tl.maximum(v * s + t, 0.0), mask=m)
+    tl.store(out_ptr + row * P + offs, tl.maximum(v * s + t, 0.0).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -151,7 +151,7 @@ def _bn_relu_bwd_apply_kernel(
     h = tl.load(h_ptr + row * P + offs, mask=m, other=0.0)
     g = tl.load(g_ptr + row * P + offs, mask=m, other=0.0)
     gp = tl.where(h * s + t > 0, g, 0.0)
-    tl.store(out_ptr + row * P + offs, s * gp + a + b * h, mask=m)
+    tl.store(out_ptr + row * P + offs, (s * gp + a + b * h).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -326,6 +326,7 @@ class TritonKernels(CompositeKernels):
         p = h.numel() // (n * c)
         scale, shift = scale.contiguous(), shift.contiguous()
         mean32 = mean.to(torch.float32).contiguous()
+        acc = torch.promote_types(h.dtype, torch.float32)
         split = _split_positions(p)
         slices = triton.cdiv(p, split)
         part = torch.empty(c, n * slices, 2, device=h.device, dtype=torch.float32)
@@ -339,9 +340,9 @@ class TritonKernels(CompositeKernels):
             alpha = beta = torch.zeros_like(sum_g)
         out = torch.empty_like(h)
         _bn_relu_bwd_apply_kernel[(triton.cdiv(p, _BLOCK_STATS), n * c)](
-            grad_z, h, scale, shift, alpha.to(h.dtype), beta.to(h.dtype), out, c, p, BLOCK=_BLOCK_STATS
+            grad_z, h, scale, shift, alpha.to(acc), beta.to(acc), out, c, p, BLOCK=_BLOCK_STATS
         )
-        return out, sum_gx.to(h.dtype), sum_g.to(h.dtype)
+        return out, sum_gx.to(scale.dtype), sum_g.to(scale.dtype)
 
     @staticmethod
     def conv1x1_bn_relu_backward(grad_h, prefix, scale, shift, mean, invstd, w1, grad_prefix):
@@ -407,11 +408,11 @@ class TritonKernels(CompositeKernels):
         return grad_w1.to(prefix.dtype), sum_g, sum_gx
 
 
-def forward(*args):
+def forward(*args, group=""):
     """Same arguments and results as the composite forward (:mod:`t3d_kernels.composite.dense_block`)."""
-    return algorithm_forward(TritonKernels, *args)
+    return algorithm_forward(TritonKernels, *args, group=group)
 
 
-def backward(*args):
-    """Same arguments and results as the op's backward."""
-    return algorithm_backward(TritonKernels, *args)
+def backward(*args, group=""):
+    """Same arguments and results as the composite backward."""
+    return algorithm_backward(TritonKernels, *args, group=group)
