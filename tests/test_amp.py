@@ -130,6 +130,18 @@ def test_triton_fp16_interpreted():
                         [w.double() for w in weights])  # fmt: skip
     assert y.dtype == torch.float16
     torch.testing.assert_close(y.double(), ref, atol=4e-3, rtol=4e-3)
+    # the dense block's Triton GEMMs take float16 operands (float32 BN parameters and accumulation)
+    torch.manual_seed(0)
+    block = tk.DenseBlock3d(2, 5, 3, 2, backend="reference").eval()
+    xb = torch.randn(2, 5, 3, 4, 5)
+    ref = block.double()(xb.double())
+    layers = [(tuple(t.float() for t in (m.norm1.weight, m.norm1.bias, m.norm1.running_mean, m.norm1.running_var)),
+               m.conv1.weight.half(),
+               tuple(t.float() for t in (m.norm2.weight, m.norm2.bias, m.norm2.running_mean, m.norm2.running_var)),
+               m.conv2.weight.half()) for m in block.layers()]  # fmt: skip
+    y = tk.dense_block(xb.half(), layers, backend="triton")
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.double(), ref, atol=1e-2, rtol=1e-2)
 
 
 def test_triton_fp16_in_interpreter_subprocess():

@@ -14,7 +14,9 @@ plugged in.
   per-program partial sums of gp and gp * (x - mean) (reduced in float64 by the caller: deterministic).
 - ``_conv1x1_wgrad_kernel``: dL/dW1 = dL/dh @ relu(x * scale + shift)^T, normalizing x on load again.
 
-fp32 GEMMs use IEEE fp32 (``input_precision="ieee"``), as PyTorch's default matmul does.
+GEMM precision follows the contender (cuDNN's 1x1x1 convolution): float32 operands in TF32 when
+``torch.backends.cudnn.allow_tf32`` is set, else IEEE float32; float16/bfloat16 operands (autocast) as they are;
+accumulation always float32 (:mod:`._precision`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import triton.language as tl
 
 from ..composite.bn import affine_correction
 from ..composite.dense_block import CompositeKernels, algorithm_backward, algorithm_forward
+from ._precision import dot_dtype, precision
 
 __all__ = ["forward", "backward", "TritonKernels"]
 
@@ -80,6 +83,8 @@ def _bn_relu_conv1x1_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     pid_p, pid_b, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_b = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,7 +99,7 @@ def _bn_relu_conv1x1_kernel(
         s = tl.load(scale_ptr + offs_c, mask=mc, other=0.0)
         t = tl.load(shift_ptr + offs_c, mask=mc, other=0.0)
         z = tl.where(m, tl.maximum(x * s[:, None] + t[:, None], 0.0), 0.0)
-        acc += tl.dot(w.to(tl.float32), z.to(tl.float32), input_precision="ieee")
+        acc += tl.dot(w.to(DOT), z.to(DOT), input_precision=PRECISION)
     mask = (offs_b[:, None] < B) & (offs_p[None, :] < P)
     ptrs = out_ptr + n * stride_on + offs_b[:, None] * stride_oc + offs_p[None, :]
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -173,6 +178,8 @@ def _conv1x1_dgrad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     pid_p, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_c = pid_c * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -188,7 +195,7 @@ def _conv1x1_dgrad_kernel(
         gh = tl.load(
             gh_ptr + n * stride_gn + offs_b[:, None] * P + offs_p[None, :], mask=mb[:, None] & mp[None, :], other=0.0
         )
-        acc += tl.dot(wt.to(tl.float32), gh.to(tl.float32), input_precision="ieee")
+        acc += tl.dot(wt.to(DOT), gh.to(DOT), input_precision=PRECISION)
     m = mc[:, None] & mp[None, :]
     x = tl.load(x_ptr + n * stride_xn + offs_c[:, None] * stride_xc + offs_p[None, :], mask=m, other=0.0)
     s = tl.load(scale_ptr + offs_c, mask=mc, other=0.0)
@@ -222,6 +229,8 @@ def _conv1x1_wgrad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     # split-K over the (sample, position block) steps: program k covers steps [k*S, (k+1)*S) and writes its own
     # partial (no atomics; the caller sums the partials in float64)
@@ -247,7 +256,7 @@ def _conv1x1_wgrad_kernel(
         m = mp[:, None] & mc[None, :]
         x = tl.load(x_ptr + n * stride_xn + offs_c[None, :] * stride_xc + offs_p[:, None], mask=m, other=0.0)
         z = tl.where(m, tl.maximum(x * s[None, :] + t[None, :], 0.0), 0.0)
-        acc += tl.dot(gh.to(tl.float32), z.to(tl.float32), input_precision="ieee")
+        acc += tl.dot(gh.to(DOT), z.to(DOT), input_precision=PRECISION)
     out = out_ptr + k * B * C + offs_b[:, None] * C + offs_c[None, :]
     tl.store(out, acc, mask=mb[:, None] & mc[None, :])
 
@@ -306,6 +315,8 @@ class TritonKernels(CompositeKernels):
             BLOCK_M=_BLOCK_M,
             BLOCK_K=_BLOCK_K,
             BLOCK_P=_BLOCK_P,
+            PRECISION=precision(prefix.dtype),
+            DOT=dot_dtype(prefix.dtype),
         )
         return out
 
@@ -373,6 +384,8 @@ class TritonKernels(CompositeKernels):
             BLOCK_M=_BLOCK_M,
             BLOCK_K=_BLOCK_K,
             BLOCK_P=_BLOCK_P,
+            PRECISION=precision(prefix.dtype),
+            DOT=dot_dtype(prefix.dtype),
         )
         sums = psum.double().sum(0)
         sum_g = sums[0]
@@ -403,6 +416,8 @@ class TritonKernels(CompositeKernels):
             BLOCK_M=_BLOCK_M,
             BLOCK_K=_BLOCK_K,
             BLOCK_P=_BLOCK_P,
+            PRECISION=precision(prefix.dtype),
+            DOT=dot_dtype(prefix.dtype),
         )
         grad_w1 = partial.double().sum(0) if splits > 1 else partial[0]
         return grad_w1.to(prefix.dtype), sum_g, sum_gx
