@@ -144,6 +144,31 @@ def test_triton_fp16_interpreted():
     torch.testing.assert_close(y.double(), ref, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1")
+def test_triton_fp16_training_gradients_interpreted():
+    """Training step of the Triton TTL in float16 (float32 BN parameters and statistics): every gradient within a
+    few float16 roundings of the float64 reference, relative to its largest entry; running statistics float32."""
+    pytest.importorskip("triton")
+    x, gamma, beta, _, _, weights = _ttl_case()
+
+    def run(dtype, bn_dtype, fn, **kw):
+        leaves = [t.to(dtype).detach().requires_grad_() for t in (x, *weights)]
+        bn = [t.to(bn_dtype).detach().requires_grad_() for t in (gamma, beta)]
+        rm, rv = torch.zeros(6, dtype=bn_dtype), torch.ones(6, dtype=bn_dtype)
+        y = fn(leaves[0], bn[0], bn[1], rm, rv, leaves[1:], training=True, **kw)
+        gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape)
+        return y, torch.autograd.grad(y, leaves + bn, gy.to(y.dtype)), rm
+
+    y64, g64, rm64 = run(torch.float64, torch.float64, reference.ttl)
+    y, grads, rm = run(torch.float16, torch.float32, tk.ttl, backend="triton")
+    eps16 = torch.finfo(torch.float16).eps
+    assert y.dtype == torch.float16 and rm.dtype == torch.float32
+    assert (y.double() - y64).abs().max() <= 8 * eps16 * y64.abs().max()
+    assert [g.dtype for g in grads] == [torch.float16] * 3 + [torch.float32] * 2
+    for g, r in zip(grads, g64, strict=True):
+        assert (g.double() - r).abs().max() <= 8 * eps16 * r.abs().max()
+
+
 def test_triton_fp16_in_interpreter_subprocess():
     """Runs the fp16 Triton check above with TRITON_INTERPRET=1 set before triton is imported."""
     pytest.importorskip("triton")
@@ -151,6 +176,10 @@ def test_triton_fp16_in_interpreter_subprocess():
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::test_triton_fp16_interpreted"]
+    tests = [
+        f"{__file__}::test_triton_fp16_interpreted",
+        f"{__file__}::test_triton_fp16_training_gradients_interpreted",
+    ]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
