@@ -183,8 +183,9 @@ def _frames_returned_when_skipping(path: str, wanted: range) -> int:
         return sum(1 for _ in _decoded_frames(container, stream, {index.pts[i] for i in wanted}))
 
 
+@pytest.mark.parametrize("threads", [0, 1], ids=["auto-threads", "1-thread"])
 @pytest.mark.parametrize("name", ["h264_mkv_bframes", "h264_mp4_open_gop"])
-def test_non_reference_frames_outside_the_clip_are_skipped_and_the_clip_is_unchanged(synthetic_videos, name):
+def test_non_reference_frames_outside_the_clip_are_skipped_and_the_clip_is_unchanged(synthetic_videos, name, threads):
     # the exactness tests above go through this skipping: check that it happens (x264 B-frames that are not
     # references) and that the frames of a clip after skipped ones equal the full decode at full resolution
     path = synthetic_videos[name]
@@ -192,7 +193,8 @@ def test_non_reference_frames_outside_the_clip_are_skipped_and_the_clip_is_uncha
     assert _frames_returned_when_skipping(path, range(60, 76)) < num
     sequential = read_frames(path, range(num), decode="sequential")
     for indices in ([61, 62, 63], list(range(60, 76)), [5, 33, 34, 70, num - 1]):
-        np.testing.assert_array_equal(read_frames(path, indices, decode="seek"), sequential[indices])
+        sought = read_frames(path, indices, decode="seek", threads=threads)
+        np.testing.assert_array_equal(sought, sequential[indices])
 
 
 def test_containers_without_stream_header_are_probed_fully(tmp_path):
