@@ -48,6 +48,9 @@ _AUTO_ORDER = {
     ("ttl", "cuda"): ("triton", "cuda", "composite", "reference"),
     ("dense_block", "cpu"): ("cpu", "composite", "reference"),
     ("dense_block", "cuda"): ("reference",),
+    ("bn_relu_maxpool", "cpu"): ("cpu", "composite", "reference"),
+    # cuDNN-free ATen pool is as fast; the composite backend (deterministic backward) is asked for explicitly
+    ("bn_relu_maxpool", "cuda"): ("reference",),
 }
 
 
@@ -76,6 +79,14 @@ register(
 )
 register("dense_block", "cuda", _ext.has_cuda_kernels, lambda d: d.type == "cuda")
 register("dense_block", "triton", _triton_available, _triton_runs_on)
+register("bn_relu_maxpool", "reference", lambda: True, _any_device)
+register("bn_relu_maxpool", "composite", lambda: True, _any_device)
+register(
+    "bn_relu_maxpool",
+    "cpu",
+    lambda: _ext.load() is not None and hasattr(_ext.load(), "bn_relu_maxpool_forward"),
+    lambda d: d.type == "cpu",
+)
 
 
 def backends(op: str = "ttl") -> list[str]:
