@@ -26,6 +26,8 @@ from _synthetic_fixtures import CLIP, keep_threads, make_dataset
 from t3d.checkpoint import load_checkpoint
 from t3d.cli import main as cli_main
 from t3d.distributed import DistContext, all_reduce_sum, init_distributed
+from t3d.models import build_model
+from t3d.training import seed_everything
 
 ARGS = ["--model", "t3d_tiny", "--backend", "reference", "--clip", CLIP, "--epochs", "1", "--lr", "0.05",
         "--freeze-bn", "--no-progress", "--threads", "1", "--workers", "0"]
@@ -81,8 +83,6 @@ def test_two_process_gloo_equals_one_process_same_global_batch(tmp_path):
 
 def _params_after_zero_steps(data, tmp_path) -> dict[str, torch.Tensor]:
     """The initial weights of the runs above (same seed): a run stopped before its first step."""
-    from t3d.train import build_model, seed_everything
-
     seed_everything(0)
     model = build_model("t3d_tiny", 2, "reference")
     return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
