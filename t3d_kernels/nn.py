@@ -267,7 +267,12 @@ class BatchNormReLUMaxPool3d(nn.BatchNorm3d):
         working); ``pool`` must be a plain max pool (no dilation, floor mode)."""
         if not isinstance(bn, nn.BatchNorm3d) or not bn.affine or not bn.track_running_stats:
             raise ValueError(f"bn: expected an affine BatchNorm3d tracking running stats, got {bn!r}")
-        if not isinstance(pool, nn.MaxPool3d) or pool.ceil_mode or pool.return_indices or pool.dilation not in (1, (1, 1, 1)):
+        if (
+            not isinstance(pool, nn.MaxPool3d)
+            or pool.ceil_mode
+            or pool.return_indices
+            or pool.dilation not in (1, (1, 1, 1))
+        ):
             raise ValueError(f"pool: expected a MaxPool3d without dilation, ceil_mode or return_indices, got {pool!r}")
         stride = pool.stride if pool.stride is not None else pool.kernel_size
         fused = cls(bn.num_features, pool.kernel_size, stride, pool.padding, bn.eps, bn.momentum, backend)

@@ -88,7 +88,9 @@ def test_matches_reference_float64(backend, training, layout):
         want = run("reference", *case, k, s, p, training)
         got = run(backend, *case, k, s, p, training)
         for name, a, b in zip(NAMES, got, want):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, name=name, i=i: f"case {i} {name}: {m}")
+            torch.testing.assert_close(
+                a, b, rtol=1e-10, atol=1e-12, msg=lambda m, name=name, i=i: f"case {i} {name}: {m}"
+            )
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -148,8 +150,9 @@ def test_gradcheck(backend, training):
     x, gamma, beta, mean, var = make_case(2, 3, 3, 5, 4, seed=9)
 
     def f(x, gamma, beta):
-        return bn_relu_maxpool(x, gamma, beta, mean.clone(), var.clone(), 3, (1, 2, 2), 1, training=training,
-                               backend=backend)
+        return bn_relu_maxpool(
+            x, gamma, beta, mean.clone(), var.clone(), 3, (1, 2, 2), 1, training=training, backend=backend
+        )
 
     inputs = [v.clone().requires_grad_() for v in (x, gamma, beta)]
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
@@ -160,8 +163,18 @@ def test_gradcheck(backend, training):
 def test_opcheck(backend, training):
     x, gamma, beta, mean, var = make_case(2, 3, 4, 6, 5, dtype=torch.float32, seed=2)
     geometry = ([3, 3, 3], [1, 2, 2], [1, 1, 1])
-    args = (x.requires_grad_(), gamma.requires_grad_(), beta.requires_grad_(), mean, var, *geometry, training, 1e-5,
-            True, backend)
+    args = (
+        x.requires_grad_(),
+        gamma.requires_grad_(),
+        beta.requires_grad_(),
+        mean,
+        var,
+        *geometry,
+        training,
+        1e-5,
+        True,
+        backend,
+    )
     torch.library.opcheck(torch.ops.t3d.bn_relu_maxpool.default, args)
     with torch.no_grad():
         y, m, v, indices = torch.ops.t3d.bn_relu_maxpool(*args)
@@ -230,8 +243,16 @@ def test_fuse_keeps_the_optimizer_parameters():
 )
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input(backend, bad, match):
-    args = dict(x=torch.randn(1, 3, 4, 4, 4), bn_weight=torch.ones(3), bn_bias=torch.zeros(3),
-                running_mean=torch.zeros(3), running_var=torch.ones(3), kernel_size=3, stride=(1, 2, 2), padding=1)
+    args = dict(
+        x=torch.randn(1, 3, 4, 4, 4),
+        bn_weight=torch.ones(3),
+        bn_bias=torch.zeros(3),
+        running_mean=torch.zeros(3),
+        running_var=torch.ones(3),
+        kernel_size=3,
+        stride=(1, 2, 2),
+        padding=1,
+    )
     args.update(bad)
     with pytest.raises((ValueError, TypeError), match=match):
         bn_relu_maxpool(**args, training=True, backend=backend)

@@ -3,8 +3,8 @@
 T3D's stem runs ``conv0 -> norm0 -> relu0 -> pool0``; in eager PyTorch the last three are three memory-bound passes
 that save the BN output, the ReLU output and int64 pool indices for backward. The fused op reads x once in forward
 and saves only x; backward recomputes the argmax and reduces the BN-backward sums without a dense gradient, then
-writes grad_x in one pass. Backward is deterministic on every backend (no atomics): the ``composite`` backend adds
-each window offset's contribution through a strided slice, which also gives CUDA a deterministic pool backward.
+writes grad_x in one pass. Backward is deterministic on every backend (no atomics): the ``composite`` backend
+gathers (:func:`max_pool3d_gather_backward`), which also gives CUDA a deterministic pool backward.
 
 Like ``t3d::ttl`` the op is functional: it returns ``(y, mean, var)`` (batch statistics in training, the running
 statistics in eval) and :func:`bn_relu_maxpool` updates the running statistics as ``F.batch_norm`` does.
@@ -23,7 +23,7 @@ from ..backends import resolve
 from ._checks import check_bn, check_input
 from .ttl import _batch_stats, _bn_backward, _fold_bn
 
-__all__ = ["bn_relu_maxpool", "pool_output_shape"]
+__all__ = ["bn_relu_maxpool", "max_pool3d_gather_backward", "pool_output_shape"]
 
 
 def _triple(name: str, v: int | Sequence[int]) -> list[int]:
@@ -54,38 +54,65 @@ def _composite_forward(x, bn_weight, bn_bias, mean, var, kernel_size, stride, pa
     return F.max_pool3d(z, kernel_size, stride, padding)
 
 
+def max_pool3d_gather_backward(
+    grad_out: torch.Tensor,
+    indices: torch.Tensor,
+    input_shape: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+) -> torch.Tensor:
+    """Gradient of ``max_pool3d``'s input (N, C, T, H, W) from ``grad_out`` and ``indices`` (N, C, T', H', W'; flat
+    in T*H*W), as a *gather*: deterministic on every device (no atomics), and equal bit for bit to PyTorch's CPU
+    kernel (same order of additions).
+
+    For a kernel offset k, input position p belongs to the window of output o = (p + pad - k) / stride when that is
+    an integer: the positions with one residue mod the stride, a strided slice of the input, see a contiguous range
+    of outputs. Visiting the offsets from the last to the first visits each position's outputs in increasing
+    (t', h', w') order, the order of PyTorch's CPU kernel.
+    """
+    size = tuple(int(s) for s in input_shape[2:])
+    grad_in = torch.zeros(tuple(input_shape), dtype=grad_out.dtype, device=grad_out.device)
+    # outputs outside the grid read as "no gradient, no winner": pad by a kernel on each side
+    pads = [int(k) for k in reversed(kernel) for _ in (0, 1)]
+    g_pad = F.pad(grad_out, pads)
+    i_pad = F.pad(indices, pads, value=-1)
+    flat = torch.arange(size[0] * size[1] * size[2], device=grad_out.device).view(size)
+    for offset in itertools.product(*(range(k - 1, -1, -1) for k in kernel)):
+        starts, outs = [], []
+        for d in range(3):
+            first = (offset[d] - padding[d]) % stride[d]  # first input index whose window includes this offset
+            count = len(range(first, size[d], stride[d]))
+            if count == 0:
+                break
+            o_first = (first + padding[d] - offset[d]) // stride[d]
+            starts.append(first)
+            outs.append(slice(o_first + kernel[d], o_first + kernel[d] + count))
+        else:
+            slices = tuple(slice(s, None, st) for s, st in zip(starts, stride))
+            won = i_pad[(..., *outs)] == flat[slices]
+            grad_in[(..., *slices)] += torch.where(won, g_pad[(..., *outs)], 0)
+    return grad_in
+
+
 def _composite_backward(grad_y, x, bn_weight, bn_bias, mean, var, kernel_size, stride, padding, training, eps):
     z, invstd = _z(x, bn_weight, bn_bias, mean, var, eps)
     y, idx = F.max_pool3d(z, kernel_size, stride, padding, return_indices=True)
-    _, _, t, h, w = x.shape
-    to, ho, wo = y.shape[2:]
-    # offset of each maximum inside its window; gradient only where ReLU is active (the maximum is > 0)
-    ti, hi, wi = idx // (h * w), (idx // w) % h, idx % w
-    dev = x.device
-    org_t = (torch.arange(to, device=dev) * stride[0] - padding[0]).view(-1, 1, 1)
-    org_h = (torch.arange(ho, device=dev) * stride[1] - padding[1]).view(1, -1, 1)
-    org_w = (torch.arange(wo, device=dev) * stride[2] - padding[2]).view(1, 1, -1)
-    offset = ((ti - org_t) * kernel_size[1] + (hi - org_h)) * kernel_size[2] + (wi - org_w)
-    g = torch.where(y > 0, grad_y, torch.zeros_like(grad_y))
-    pt, ph, pw = padding
-    grad_z = g.new_zeros(x.shape[0], x.shape[1], t + 2 * pt + stride[0], h + 2 * ph + stride[1], w + 2 * pw + stride[2])
-    # one strided add per window offset: a deterministic scatter (windows overlap, atomics would not be)
-    for j, (a, b, c) in enumerate(itertools.product(*(range(k) for k in kernel_size))):
-        contrib = torch.where(offset == j, g, torch.zeros_like(g))
-        grad_z[:, :, a : a + stride[0] * to : stride[0], b : b + stride[1] * ho : stride[1], c : c + stride[2] * wo : stride[2]] += contrib
-    grad_z = grad_z[:, :, pt : pt + t, ph : ph + h, pw : pw + w]
+    grad_z = max_pool3d_gather_backward(grad_y * (y > 0), idx, x.shape, kernel_size, stride, padding)
     return _bn_backward(grad_z, x, bn_weight, mean, invstd, training)
 
 
-def _compiled_forward(x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, eps,
-                      save_indices):
+def _compiled_forward(
+    x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, eps, save_indices
+):
     return _ext.load().bn_relu_maxpool_forward(
         x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, eps, save_indices
     )
 
 
-def _compiled_backward(grad_y, x, bn_weight, bn_bias, mean, var, y, indices, kernel_size, stride, padding, training,
-                       eps):
+def _compiled_backward(
+    grad_y, x, bn_weight, bn_bias, mean, var, y, indices, kernel_size, stride, padding, training, eps
+):
     return _ext.load().bn_relu_maxpool_backward(
         grad_y, x, bn_weight, bn_bias, mean, var, y, indices, kernel_size, stride, padding, training, eps
     )
@@ -128,10 +155,13 @@ def _op(
 
 
 @_op.register_fake
-def _(x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, eps, save_indices,
-      backend):
+def _(
+    x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, eps, save_indices, backend
+):
     y = x.new_empty(pool_output_shape(x.shape, kernel_size, stride, padding))
-    indices = x.new_empty(_indices_shape(x.shape, kernel_size, stride, padding, save_indices, backend), dtype=torch.int32)
+    indices = x.new_empty(
+        _indices_shape(x.shape, kernel_size, stride, padding, save_indices, backend), dtype=torch.int32
+    )
     return y, running_mean.new_empty(running_mean.shape), running_var.new_empty(running_var.shape), indices
 
 
@@ -207,8 +237,10 @@ def bn_relu_maxpool(
     """
     check_input(x)
     check_bn("bn_", x, x.shape[1], bn_weight, bn_bias, running_mean, running_var)
-    kernel_size, stride, padding = _triple("kernel_size", kernel_size), _triple("stride", stride), _triple(
-        "padding", padding
+    kernel_size, stride, padding = (
+        _triple("kernel_size", kernel_size),
+        _triple("stride", stride),
+        _triple("padding", padding),
     )
     if min(kernel_size) < 1 or min(stride) < 1:
         raise ValueError(f"kernel_size, stride: expected values >= 1, got {kernel_size}, {stride}")
@@ -228,8 +260,18 @@ def bn_relu_maxpool(
         )
     save_indices = torch.is_grad_enabled() and any(t.requires_grad for t in (x, bn_weight, bn_bias))
     y, mean, var, _ = torch.ops.t3d.bn_relu_maxpool(
-        x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, eps, save_indices,
-        name
+        x,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        kernel_size,
+        stride,
+        padding,
+        training,
+        eps,
+        save_indices,
+        name,
     )
     if training:
         with torch.no_grad():
