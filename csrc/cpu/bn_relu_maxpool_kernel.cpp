@@ -57,14 +57,57 @@ inline void window(int64_t o, int64_t k, int64_t s, int64_t p, int64_t n, int64_
 template <typename T>
 struct VolumePool {
   const PoolGeometry& g;
-  std::vector<T> vrow, wv, hv;
+  std::vector<T> vrow, even, odd, wv, hv;
   std::vector<int32_t> wi, hi_;
 
   explicit VolumePool(const PoolGeometry& geo)
-      : g(geo), vrow(geo.W), wv(geo.T * geo.H * geo.Wo), hv(geo.T * geo.Ho * geo.Wo), wi(wv.size()), hi_(hv.size()) {}
+      : g(geo),
+        vrow(geo.W),
+        even((geo.W + 1) / 2),
+        odd(geo.W / 2 + 1),
+        wv(geo.T * geo.H * geo.Wo),
+        hv(geo.T * geo.Ho * geo.Wo),
+        wi(wv.size()),
+        hi_(hv.size()) {}
+
+  // The stem's W window (kernel 3, stride 2, padding 1) without branches: over the even and odd samples of the row,
+  // out[wo] = first max of (odd[wo-1], even[wo], odd[wo]); vectorizes (select instructions instead of jumps).
+  void w_pass_k3s2p1(const T* __restrict row, T sgn, T* __restrict ov, int32_t* __restrict oi) {
+    const int64_t W = g.W, Wo = g.Wo, ne = (W + 1) / 2, no = W / 2;
+    T* __restrict ev = even.data();
+    T* __restrict od = odd.data();
+    for (int64_t j = 0; j < no; ++j) ev[j] = sgn * row[2 * j], od[j] = sgn * row[2 * j + 1];
+    if (ne > no) ev[ne - 1] = sgn * row[W - 1];
+    // wo = 0: window (even[0], odd[0])
+    {
+      T best = ev[0];
+      int32_t bi = 0;
+      if (no > 0 && od[0] > best) best = od[0], bi = 1;
+      ov[0] = best, oi[0] = bi;
+    }
+    const int64_t full = std::min(Wo, no);  // wo with all three samples inside the row
+    for (int64_t wo = 1; wo < full; ++wo) {
+      T best = od[wo - 1];
+      int32_t bi = int32_t(2 * wo - 1);
+      const bool g1 = ev[wo] > best;
+      best = g1 ? ev[wo] : best;
+      bi = g1 ? int32_t(2 * wo) : bi;
+      const bool g2 = od[wo] > best;
+      best = g2 ? od[wo] : best;
+      bi = g2 ? int32_t(2 * wo + 1) : bi;
+      ov[wo] = best, oi[wo] = bi;
+    }
+    for (int64_t wo = std::max<int64_t>(full, 1); wo < Wo; ++wo) {  // the last window, cut by the row's end
+      T best = od[wo - 1];
+      int32_t bi = int32_t(2 * wo - 1);
+      if (ev[wo] > best) best = ev[wo], bi = int32_t(2 * wo);
+      ov[wo] = best, oi[wo] = bi;
+    }
+  }
 
   void run(const T* x, T sgn, T* out, int32_t* idx, double* sum = nullptr, double* sumsq = nullptr, double ref = 0) {
     const int64_t HW = g.H * g.W;
+    const bool stem_w = g.k[2] == 3 && g.s[2] == 2 && g.p[2] == 1 && g.W >= 2;
     double s1 = 0, s2 = 0;
     // W pass (and the statistics)
     for (int64_t t = 0; t < g.T; ++t)
@@ -78,9 +121,13 @@ struct VolumePool {
           }
           s1 += r1, s2 += r2;
         }
-        for (int64_t w = 0; w < g.W; ++w) vrow[w] = sgn * row[w];
         T* ov = wv.data() + (t * g.H + h) * g.Wo;
         int32_t* oi = wi.data() + (t * g.H + h) * g.Wo;
+        if (stem_w) {
+          w_pass_k3s2p1(row, sgn, ov, oi);
+          continue;
+        }
+        for (int64_t w = 0; w < g.W; ++w) vrow[w] = sgn * row[w];
         for (int64_t wo = 0; wo < g.Wo; ++wo) {
           int64_t lo, hi;
           window(wo, g.k[2], g.s[2], g.p[2], g.W, lo, hi);
