@@ -47,6 +47,7 @@ OP_MODULES = {
     "dense_block": "benchmarks.bench_dense_block",
     "model": "benchmarks.bench_model",
     "data": "benchmarks.bench_data",
+    "export": "benchmarks.bench_export",
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

@@ -102,6 +102,7 @@ def train_config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfi
         out_dir=args.out,
         seed=args.seed,
         progress=not args.no_progress,
+        sync_bn=args.sync_bn,
         **extra,
     )
 
@@ -150,3 +151,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' (OUT/last.pt if present)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar and no per-epoch lines")
+    p.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="BatchNorm statistics over all processes (torchrun): N processes x batch b normalise as 1 x N*b; "
+        "one all-reduce per BN layer per step",
+    )

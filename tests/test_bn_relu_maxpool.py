@@ -295,3 +295,35 @@ def test_saves_less_than_eager():
     x_bytes = 2 * 8 * 8 * 16 * 16 * 4
     assert eager >= 1.5 * x_bytes  # ReLU output (x's size) and int64 indices (1/2 of it at this pool)
     assert fused <= 0.51 * x_bytes  # y and int32 indices (1/4 of x each) and the per-channel statistics
+
+
+def test_deterministic_mode_picks_the_gather_backward_on_gpus():
+    """Under torch.use_deterministic_algorithms the reference (ATen's pool: atomic adds on CUDA) refuses CUDA, so
+    auto picks the composite backend, whose backward is the gather; on CPU nothing changes."""
+    cuda = torch.device("cuda")
+    assert resolve("bn_relu_maxpool", "auto", cuda) == "reference"
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert resolve("bn_relu_maxpool", "auto", cuda) == "composite"
+        assert resolve("bn_relu_maxpool", "auto", torch.device("cpu")) in BACKENDS
+        with pytest.raises(BackendError, match="atomics"):
+            resolve("bn_relu_maxpool", "reference", cuda)
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_bf16_on_cpu(backend):
+    """Under CPU bf16 autocast a bf16 input is computed in the parameters' float32 (declared fallback): the result
+    equals the float32 op on the same (bf16-rounded) input, running stats stay float32."""
+    x, gamma, beta, mean, var = make_case(2, 4, 5, 8, 8, dtype=torch.float32, seed=6)
+    xb = x.bfloat16()
+    rm, rv = mean.clone(), var.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bn_relu_maxpool(xb, gamma, beta, rm, rv, training=True, backend=backend)
+    rm32, rv32 = mean.clone(), var.clone()
+    want = reference.bn_relu_maxpool(xb.float(), gamma, beta, rm32, rv32, (3, 3, 3), (1, 2, 2), (1, 1, 1), True)
+    assert y.dtype == torch.float32 and rm.dtype == torch.float32
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rm, rm32, rtol=1e-5, atol=1e-6)

@@ -311,6 +311,36 @@ def test_schedule_and_optimizer_defaults():
         TrainConfig(schedule="linear")
 
 
+def test_amp_policy_on_gpus(monkeypatch):
+    """--amp auto on a GPU: bf16 where the GPU has it, else fp16 with loss scaling (the policy alone: no GPU here)."""
+    import t3d.training.amp as amp
+
+    model = t3d_tiny()
+    monkeypatch.setattr(amp, "fused_ops_support_autocast", lambda m, device_type: True)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp.amp_settings("auto", cuda, model) == (True, torch.bfloat16, False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert amp.amp_settings("auto", cuda, model) == (True, torch.float16, True)
+    assert amp.amp_settings("fp16", cuda, model) == (True, torch.float16, True)
+    assert amp.amp_settings("off", cuda, model) == (False, None, False)
+
+
+@pytest.mark.parametrize("model", ["frame2d", "t3d_tiny"])
+def test_amp_bf16_trains_on_cpu(synthetic, tmp_path, capsys, model):
+    """`t3d train --amp bf16` on the CPU: trains (finite loss), weights and BN statistics stay float32. A model whose
+    fused ops have no CPU autocast rule yet is refused with a clear message instead of a crash."""
+    argv = ["--model", model, "--amp", "bf16", "--max-steps", "2", "--workers", "0"]
+    if not fused_ops_support_autocast(t3d_tiny(), "cpu") and model != "frame2d":
+        assert cli_main(["train", synthetic, "--out", str(tmp_path / "x"), *COMMON, *argv]) == 2
+        assert "--amp: bf16 autocast is not supported by this model's fused ops" in capsys.readouterr().err
+        return
+    log = _train(synthetic, tmp_path / "bf16", *argv)
+    assert all(np.isfinite(r["loss"]) for r in log)
+    state = load_checkpoint(tmp_path / "bf16" / "last.pt")["model"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+
+
 def test_skipped_videos_are_counted_in_training(tmp_path, capfd):
     """A dataset with an empty, a corrupt and a too-short video trains; every epoch reports the 3 skipped, and each
     skip is one clean line (no Python warning with its source line)."""

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "bn_relu_maxpool.h"
+#include "common/dispatch.h"
 #include "common/ttl_math.h"
 
 namespace t3d {
@@ -197,8 +198,6 @@ void check_inputs(const at::Tensor& x, const at::Tensor& bn_weight, const at::Te
   TORCH_CHECK(x.dim() == 5, "x: expected a 5-D tensor (N, C, T, H, W), got shape ", x.sizes());
   TORCH_CHECK(x.numel() > 0, "x: expected no empty dimension, got shape ", x.sizes());
   TORCH_CHECK(x.device().is_cpu(), "x: the cpu backend of bn_relu_maxpool expects a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "x: the cpu backend of bn_relu_maxpool supports float32 and float64, got ", x.scalar_type());
   TORCH_CHECK(x.size(2) * x.size(3) * x.size(4) < (int64_t(1) << 31),
               "x: expected fewer than 2^31 positions per (sample, channel), got shape ", x.sizes());
   const char* names[4] = {"bn_weight", "bn_bias", "mean", "var"};
@@ -250,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_forwa
                           : at::empty({0}, x.options().dtype(at::kInt));
   at::Tensor mean = training ? at::empty({C}, x.options()) : running_mean.clone();
   at::Tensor var = training ? at::empty({C}, x.options()) : running_var.clone();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_maxpool_forward_cpu", [&] {
+  T3D_DISPATCH_FP32_FP64(x, "x", "bn_relu_maxpool_forward_cpu", [&] {
     const auto gamma = bn_weight.contiguous();
     const scalar_t* gp = gamma.data_ptr<scalar_t>();
     std::vector<scalar_t> sgn(C);
@@ -319,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_backward_cpu(
   const at::Tensor grad_y = grad_y_in.contiguous(), y = y_in.contiguous(), indices = indices_in.contiguous();
   auto grad_x = at::empty_like(x);
   auto grad_w = at::empty({C}, x.options()), grad_b = at::empty({C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_maxpool_backward_cpu", [&] {
+  T3D_DISPATCH_FP32_FP64(x, "x", "bn_relu_maxpool_backward_cpu", [&] {
     std::vector<scalar_t> scale, shift, invstd;
     fold<scalar_t>(bn_weight, bn_bias, mean, var, eps, scale, shift, invstd);
     const auto mean_c = mean.contiguous();

@@ -4,7 +4,7 @@ PyTorch's CUDA ``max_pool3d`` backward scatters every output's gradient into the
 with atomic adds: where windows overlap (kernel 3, stride 1 in time) the order of the adds, hence the float32 sum,
 changes from run to run, and a resumed run drifts from an uninterrupted one (max weight difference 0.29 after 8
 steps measured on an H100). The backward here is a *gather* instead
-(``t3d_kernels.ops.bn_relu_maxpool.max_pool3d_gather_backward``, shared with the fused stem op): each input position
+(``t3d_kernels.composite.pool.max_pool3d_gather_backward``, shared with the fused stem op): each input position
 sums the gradients of the outputs whose saved argmax is that position, visiting the outputs in increasing order. No
 two threads write the same element, so the result is the same on every run; and since PyTorch's CPU kernel also adds
 in increasing output order starting from zero, the result equals it bit for bit (tested).
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t3d_kernels.ops.bn_relu_maxpool import max_pool3d_gather_backward
+from t3d_kernels.composite.pool import max_pool3d_gather_backward
 
 __all__ = ["DeterministicMaxPool3d", "max_pool3d_deterministic"]
 

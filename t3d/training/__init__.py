@@ -19,7 +19,7 @@ See :mod:`.step` for the step-function contract and :mod:`.trainer` for what the
 """
 
 from .amp import amp_settings, fused_ops_support_autocast
-from .batchnorm import freeze_batchnorm
+from .batchnorm import SyncBatchNorm, convert_sync_batchnorm, freeze_batchnorm
 from .config import TrainConfig
 from .determinism import seed_everything, set_deterministic
 from .optim import WarmupSchedule, make_optimizer, make_scheduler
@@ -28,11 +28,13 @@ from .trainer import Trainer
 
 __all__ = [
     "StepOutput",
+    "SyncBatchNorm",
     "TrainConfig",
     "Trainer",
     "WarmupSchedule",
     "amp_settings",
     "classification_step",
+    "convert_sync_batchnorm",
     "freeze_batchnorm",
     "fused_ops_support_autocast",
     "make_optimizer",

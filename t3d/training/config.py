@@ -17,7 +17,8 @@ class TrainConfig:
     GradScaler; CPU: off), "off", "bf16", "fp16". ``save_every``: optimizer steps between checkpoints (0: only at
     epoch ends). ``max_steps``: stop after this many optimizer steps in total, with a checkpoint (the schedule still
     spans ``epochs``: used to simulate an interruption, or to cap a run). ``freeze_bn``: BatchNorm uses its running
-    statistics and does not update them (affine parameters still train).
+    statistics and does not update them (affine parameters still train). ``sync_bn``: BatchNorm statistics over
+    all processes (:func:`t3d.training.batchnorm.convert_sync_batchnorm`; a no-op in a single process).
     """
 
     epochs: int = 1
@@ -37,6 +38,7 @@ class TrainConfig:
     out_dir: str | None = None
     seed: int = 0
     freeze_bn: bool = False
+    sync_bn: bool = False
     progress: bool = True
     log_every: int = 10
 

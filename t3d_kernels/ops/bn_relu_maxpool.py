@@ -1,29 +1,33 @@
 """The fused stem op ``t3d::bn_relu_maxpool``: ``max_pool3d(relu(batch_norm(x)), kernel, stride, padding)``.
 
 T3D's stem runs ``conv0 -> norm0 -> relu0 -> pool0``; in eager PyTorch the last three are three memory-bound passes
-that save the BN output, the ReLU output and int64 pool indices for backward. The fused op reads x once in forward
-and saves only x; backward recomputes the argmax and reduces the BN-backward sums without a dense gradient, then
-writes grad_x in one pass. Backward is deterministic on every backend (no atomics): the ``composite`` backend
-gathers (:func:`max_pool3d_gather_backward`), which also gives CUDA a deterministic pool backward.
+that save the ReLU output and int64 pool indices for backward. The cpu kernel reads x once in forward (BN-ReLU is
+monotone per channel, so it pools x itself and sums the batch statistics in the same pass, then applies BN-ReLU to
+the 8x smaller pooled tensor), saves y and int32 indices, and writes grad_x in one pass in backward. Backward is
+deterministic on every backend (no atomics); the ``composite`` backend gathers
+(:func:`t3d_kernels.composite.pool.max_pool3d_gather_backward`), which also gives CUDA a deterministic pool backward:
+under ``torch.use_deterministic_algorithms(True)`` the reference backend (ATen's pool, atomic adds on CUDA) refuses
+CUDA tensors and ``auto`` picks ``composite``.
 
-Like ``t3d::ttl`` the op is functional: it returns ``(y, mean, var)`` (batch statistics in training, the running
-statistics in eval) and :func:`bn_relu_maxpool` updates the running statistics as ``F.batch_norm`` does.
+Like ``t3d::ttl`` the op is functional: it returns ``(y, mean, var, indices)`` (batch statistics in training, the
+running statistics in eval) and :func:`bn_relu_maxpool` updates the running statistics as ``F.batch_norm`` does.
+Under autocast the op computes in the dtype of its BN parameters (float32): it is memory-bound, and the convolution
+after it casts to the autocast dtype.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import _ext
-from ..backends import resolve
+from ..backends import Backend, declare, extension_reason, get, resolve
+from ..composite import bn
+from ..composite import pool as composite_pool
 from ._checks import check_bn, check_input
-from .ttl import _batch_stats, _bn_backward, _fold_bn
 
-__all__ = ["bn_relu_maxpool", "max_pool3d_gather_backward", "pool_output_shape"]
+__all__ = ["bn_relu_maxpool", "pool_output_shape"]
 
 
 def _triple(name: str, v: int | Sequence[int]) -> list[int]:
@@ -39,87 +43,73 @@ def pool_output_shape(x_shape: Sequence[int], kernel_size, stride, padding) -> l
 
 
 # --------------------------------------------------------------------------------------------------------
-# composite backend (any device): the executable spec of the fused kernels
+# backends
 # --------------------------------------------------------------------------------------------------------
 
 
-def _z(x, bn_weight, bn_bias, mean, var, eps):
-    scale, shift, invstd = _fold_bn(bn_weight, bn_bias, mean, var, eps)
-    view = (1, -1, 1, 1, 1)
-    return torch.relu(x * scale.view(view) + shift.view(view)), invstd
-
-
-def _composite_forward(x, bn_weight, bn_bias, mean, var, kernel_size, stride, padding, eps):
-    z, _ = _z(x, bn_weight, bn_bias, mean, var, eps)
-    return F.max_pool3d(z, kernel_size, stride, padding)
-
-
-def max_pool3d_gather_backward(
-    grad_out: torch.Tensor,
-    indices: torch.Tensor,
-    input_shape: Sequence[int],
-    kernel: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-) -> torch.Tensor:
-    """Gradient of ``max_pool3d``'s input (N, C, T, H, W) from ``grad_out`` and ``indices`` (N, C, T', H', W'; flat
-    in T*H*W), as a *gather*: deterministic on every device (no atomics), and equal bit for bit to PyTorch's CPU
-    kernel (same order of additions).
-
-    For a kernel offset k, input position p belongs to the window of output o = (p + pad - k) / stride when that is
-    an integer: the positions with one residue mod the stride, a strided slice of the input, see a contiguous range
-    of outputs. Visiting the offsets from the last to the first visits each position's outputs in increasing
-    (t', h', w') order, the order of PyTorch's CPU kernel.
-    """
-    size = tuple(int(s) for s in input_shape[2:])
-    grad_in = torch.zeros(tuple(input_shape), dtype=grad_out.dtype, device=grad_out.device)
-    # outputs outside the grid read as "no gradient, no winner": pad by a kernel on each side
-    pads = [int(k) for k in reversed(kernel) for _ in (0, 1)]
-    g_pad = F.pad(grad_out, pads)
-    i_pad = F.pad(indices, pads, value=-1)
-    flat = torch.arange(size[0] * size[1] * size[2], device=grad_out.device).view(size)
-    for offset in itertools.product(*(range(k - 1, -1, -1) for k in kernel)):
-        starts, outs = [], []
-        for d in range(3):
-            first = (offset[d] - padding[d]) % stride[d]  # first input index whose window includes this offset
-            count = len(range(first, size[d], stride[d]))
-            if count == 0:
-                break
-            o_first = (first + padding[d] - offset[d]) // stride[d]
-            starts.append(first)
-            outs.append(slice(o_first + kernel[d], o_first + kernel[d] + count))
-        else:
-            slices = tuple(slice(s, None, st) for s, st in zip(starts, stride))
-            won = i_pad[(..., *outs)] == flat[slices]
-            grad_in[(..., *slices)] += torch.where(won, g_pad[(..., *outs)], 0)
-    return grad_in
-
-
-def _composite_backward(grad_y, x, bn_weight, bn_bias, mean, var, kernel_size, stride, padding, training, eps):
-    z, invstd = _z(x, bn_weight, bn_bias, mean, var, eps)
-    y, idx = F.max_pool3d(z, kernel_size, stride, padding, return_indices=True)
-    grad_z = max_pool3d_gather_backward(grad_y * (y > 0), idx, x.shape, kernel_size, stride, padding)
-    return _bn_backward(grad_z, x, bn_weight, mean, invstd, training)
-
-
-def _compiled_forward(
+def _composite_forward(
     x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, eps, save_indices
 ):
-    return _ext.load().bn_relu_maxpool_forward(
-        x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, eps, save_indices
-    )
+    if training:
+        mean, var = bn.channel_stats(x)
+        mean, var = mean.to(x.dtype), var.to(x.dtype)
+    else:
+        mean, var = running_mean.clone(), running_var.clone()
+    y = composite_pool.forward(x, bn_weight, bn_bias, mean, var, kernel_size, stride, padding, eps)
+    return y, mean, var, x.new_empty(0, dtype=torch.int32)  # the composite backward recomputes the argmax
 
 
-def _compiled_backward(
+def _composite_backward(
     grad_y, x, bn_weight, bn_bias, mean, var, y, indices, kernel_size, stride, padding, training, eps
 ):
-    return _ext.load().bn_relu_maxpool_backward(
-        grad_y, x, bn_weight, bn_bias, mean, var, y, indices, kernel_size, stride, padding, training, eps
+    return composite_pool.backward(
+        grad_y, x, bn_weight, bn_bias, mean, var, kernel_size, stride, padding, training, eps
     )
+
+
+def _compiled_forward(*args):
+    return _ext.load().bn_relu_maxpool_forward(*args)
+
+
+def _compiled_backward(*args):
+    return _ext.load().bn_relu_maxpool_backward(*args)
+
+
+def _reference(x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, momentum, eps):
+    from .. import reference  # the reference backend: the ground truth, autograd by PyTorch
+
+    return reference.bn_relu_maxpool(
+        x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, momentum, eps
+    )
+
+
+def _reference_reasons(device: torch.device, dtype: torch.dtype | None) -> list[str]:
+    if device.type != "cpu" and torch.are_deterministic_algorithms_enabled():
+        return [f"max_pool3d's {device.type} backward adds with atomics (not deterministic)"]
+    return []
+
+
+declare(
+    "bn_relu_maxpool",
+    [
+        Backend("reference", reasons=_reference_reasons, impl={"direct": _reference}),
+        Backend("composite", impl={"forward": _composite_forward, "backward": _composite_backward}),
+        Backend(
+            "cpu",
+            ("cpu",),
+            frozenset((torch.float32, torch.float64)),
+            extension_reason("bn_relu_maxpool_forward"),
+            impl={"forward": _compiled_forward, "backward": _compiled_backward},
+        ),
+    ],
+    # on CUDA ATen's pool (reference) until a GPU kernel is measured; composite where determinism is asked for
+    auto={"cpu": ("cpu", "composite", "reference"), "default": ("reference", "composite")},
+    autocast={"cpu": (torch.bfloat16,), "cuda": (torch.float16, torch.bfloat16)},
+)
 
 
 def _indices_shape(x_shape, kernel_size, stride, padding, save_indices, backend) -> list[int]:
-    # only the compiled kernel saves the indices of the maxima; the composite backward recomputes them
+    # only the compiled kernel saves the indices of the maxima
     return pool_output_shape(x_shape, kernel_size, stride, padding) if save_indices and backend == "cpu" else [0]
 
 
@@ -145,13 +135,9 @@ def _op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, var, indices): the batch statistics in training (the running ones in eval); int32 indices of the
     maxima in each (T, H, W) volume where the backend's backward uses them, else an empty tensor."""
-    if backend == "cpu":
-        return _compiled_forward(
-            x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, eps, save_indices
-        )
-    mean, var = _batch_stats(x, training, running_mean, running_var, backend)
-    y = _composite_forward(x, bn_weight, bn_bias, mean, var, kernel_size, stride, padding, eps)
-    return y, mean, var, x.new_empty(0, dtype=torch.int32)
+    return get("bn_relu_maxpool", backend).impl["forward"](
+        x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, eps, save_indices
+    )
 
 
 @_op.register_fake
@@ -182,15 +168,9 @@ def _backward_op(
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_y = grad_y.contiguous()
-    if backend == "cpu":
-        grad_x, grad_w, grad_b = _compiled_backward(
-            grad_y, x, bn_weight, bn_bias, mean, var, y, indices, kernel_size, stride, padding, training, eps
-        )
-    else:
-        grad_x, grad_w, grad_b = _composite_backward(
-            grad_y, x, bn_weight, bn_bias, mean, var, kernel_size, stride, padding, training, eps
-        )
+    grad_x, grad_w, grad_b = get("bn_relu_maxpool", backend).impl["backward"](
+        grad_y.contiguous(), x, bn_weight, bn_bias, mean, var, y, indices, kernel_size, stride, padding, training, eps
+    )
     return grad_x, grad_w, grad_b
 
 
@@ -236,6 +216,8 @@ def bn_relu_maxpool(
     training the batch statistics normalize x and the running statistics are updated in place.
     """
     check_input(x)
+    if torch.is_autocast_enabled(x.device.type) and isinstance(bn_weight, torch.Tensor) and x.dtype != bn_weight.dtype:
+        x = x.to(bn_weight.dtype)  # see the module docstring: computed in the parameters' dtype under autocast
     check_bn("bn_", x, x.shape[1], bn_weight, bn_bias, running_mean, running_var)
     kernel_size, stride, padding = (
         _triple("kernel_size", kernel_size),
@@ -251,11 +233,10 @@ def bn_relu_maxpool(
         raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel_size {kernel_size}")
     if training and x.numel() == x.shape[1]:
         raise ValueError(f"x: expected more than 1 value per channel when training, got shape {tuple(x.shape)}")
-    name = resolve("bn_relu_maxpool", backend, x.device)
-    if name == "reference":
-        from .. import reference
-
-        return reference.bn_relu_maxpool(
+    name = resolve("bn_relu_maxpool", backend, x.device, x.dtype)
+    direct = get("bn_relu_maxpool", name).impl.get("direct")
+    if direct is not None:
+        return direct(
             x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, momentum, eps
         )
     save_indices = torch.is_grad_enabled() and any(t.requires_grad for t in (x, bn_weight, bn_bias))
@@ -274,8 +255,5 @@ def bn_relu_maxpool(
         name,
     )
     if training:
-        with torch.no_grad():
-            count = x.numel() // x.shape[1]
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(var.to(running_var.dtype) * (count / max(count - 1, 1)), momentum)
+        bn.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return y
