@@ -174,12 +174,13 @@ def test_opcheck(backend, training):
         1e-5,
         True,
         backend,
+        "",
     )
     torch.library.opcheck(torch.ops.t3d.bn_relu_maxpool.default, args)
     with torch.no_grad():
         y, m, v, indices = torch.ops.t3d.bn_relu_maxpool(*args)
     gy = torch.randn(y.shape)
-    bargs = (gy, x.detach(), gamma.detach(), beta.detach(), m, v, y, indices, *geometry, training, 1e-5, backend)
+    bargs = (gy, x.detach(), gamma.detach(), beta.detach(), m, v, y, indices, *geometry, training, 1e-5, backend, "")
     torch.library.opcheck(torch.ops.t3d.bn_relu_maxpool_backward.default, bargs)
 
 

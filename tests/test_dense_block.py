@@ -190,6 +190,7 @@ def _op_args(x, spec, training, backend):
         training,
         1e-5,
         backend,
+        "",  # no process group
     )
 
 
@@ -243,6 +244,7 @@ def test_opcheck(backend):
             training,
             1e-5,
             backend,
+            "",
         )
         torch.library.opcheck(torch.ops.t3d.dense_block_backward.default, bargs)
 

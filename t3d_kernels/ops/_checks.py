@@ -13,12 +13,18 @@ def _describe(t: torch.Tensor) -> str:
     return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
 
 
-def check_tensor(name: str, t, x: torch.Tensor, shape: Sequence[int] | None = None) -> None:
+def check_tensor(
+    name: str, t, x: torch.Tensor, shape: Sequence[int] | None = None, bn: bool = False, cast: bool = False
+) -> None:
+    """``t`` is a tensor on x's device, of x's dtype (``bn``: a BN parameter or statistic, which may also be float32
+    when x is float16/bfloat16, as under autocast; ``cast``: any floating dtype, the autocast rule casts it) and, if
+    given, of ``shape``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
     if t.device != x.device:
         raise ValueError(f"{name}: expected a tensor on {x.device} (the device of x), got {_describe(t)}")
-    if t.dtype != x.dtype:
+    mixed_bn = bn and x.dtype in (torch.float16, torch.bfloat16) and t.dtype == torch.float32
+    if t.dtype != x.dtype and not mixed_bn and not (cast and t.is_floating_point()):
         raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {_describe(t)}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {_describe(t)}")
@@ -37,10 +43,11 @@ def check_input(x, name: str = "x") -> None:
 
 def check_bn(prefix: str, x: torch.Tensor, channels: int, *params) -> None:
     for pname, p in zip(("weight", "bias", "running_mean", "running_var"), params):
-        check_tensor(f"{prefix}{pname}", p, x, (channels,))
+        check_tensor(f"{prefix}{pname}", p, x, (channels,), bn=True)
 
 
-def check_ttl_args(x, bn_weight, bn_bias, running_mean, running_var, weights) -> None:
+def check_ttl_args(x, bn_weight, bn_bias, running_mean, running_var, weights, autocast: bool = False) -> None:
+    """``autocast``: an autocast rule casts x and the weights, so their dtypes may differ."""
     check_input(x)
     c_in = x.shape[1]
     check_bn("bn_", x, c_in, bn_weight, bn_bias, running_mean, running_var)
@@ -48,7 +55,7 @@ def check_ttl_args(x, bn_weight, bn_bias, running_mean, running_var, weights) ->
         raise ValueError("weights: expected a non-empty list of 5-D branch weights (C_i, C_in, d_i, kh, kw)")
     for i, w in enumerate(weights):
         name = f"weights[{i}]"
-        check_tensor(name, w, x)
+        check_tensor(name, w, x, cast=autocast)
         if w.dim() != 5:
             raise ValueError(f"{name}: expected a 5-D tensor (C_i, C_in, d_i, kh, kw), got {_describe(w)}")
         if w.shape[1] != c_in:

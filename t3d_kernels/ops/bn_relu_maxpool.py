@@ -23,7 +23,7 @@ import torch
 
 from .. import _ext
 from ..backends import Backend, declare, extension_reason, get, resolve
-from ..composite import bn
+from ..composite import bn, sync
 from ..composite import pool as composite_pool
 from ._checks import check_bn, check_input
 
@@ -93,13 +93,14 @@ declare(
     "bn_relu_maxpool",
     [
         Backend("reference", reasons=_reference_reasons, impl={"direct": _reference}),
-        Backend("composite", impl={"forward": _composite_forward, "backward": _composite_backward}),
+        Backend("composite", impl={"forward": _composite_forward, "backward": _composite_backward}, process_group=True),
         Backend(
             "cpu",
             ("cpu",),
             frozenset((torch.float32, torch.float64)),
             extension_reason("bn_relu_maxpool_forward"),
             impl={"forward": _compiled_forward, "backward": _compiled_backward},
+            process_group=True,
         ),
     ],
     # on CUDA ATen's pool (reference) until a GPU kernel is measured; composite where determinism is asked for
@@ -132,17 +133,40 @@ def _op(
     eps: float,
     save_indices: bool,
     backend: str,
+    group: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, var, indices): the batch statistics in training (the running ones in eval); int32 indices of the
-    maxima in each (T, H, W) volume where the backend's backward uses them, else an empty tensor."""
-    return get("bn_relu_maxpool", backend).impl["forward"](
+    """(y, mean, var, indices): the batch statistics in training (the group's with ``group``, the running ones in
+    eval); int32 indices of the maxima in each (T, H, W) volume where the backend's backward uses them, else an
+    empty tensor."""
+    forward = get("bn_relu_maxpool", backend).impl["forward"]
+    if training and group:  # the group's statistics, then the kernel's eval form over them
+        mean, var = bn.channel_stats(x)
+        mean, var = sync.merge_stats(mean, var, x.numel() // x.shape[1], group)
+        mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
+        y, _, _, indices = forward(
+            x, bn_weight, bn_bias, mean, var, kernel_size, stride, padding, False, eps, save_indices
+        )
+        return y, mean, var, indices
+    return forward(
         x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, eps, save_indices
     )
 
 
 @_op.register_fake
 def _(
-    x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, eps, save_indices, backend
+    x,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    kernel_size,
+    stride,
+    padding,
+    training,
+    eps,
+    save_indices,
+    backend,
+    group,
 ):
     y = x.new_empty(pool_output_shape(x.shape, kernel_size, stride, padding))
     indices = x.new_empty(
@@ -167,29 +191,50 @@ def _backward_op(
     training: bool,
     eps: float,
     backend: str,
+    group: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    synced = training and bool(group)
     grad_x, grad_w, grad_b = get("bn_relu_maxpool", backend).impl["backward"](
-        grad_y.contiguous(), x, bn_weight, bn_bias, mean, var, y, indices, kernel_size, stride, padding, training, eps
+        grad_y.contiguous(),
+        x,
+        bn_weight,
+        bn_bias,
+        mean,
+        var,
+        y,
+        indices,
+        kernel_size,
+        stride,
+        padding,
+        training and not synced,
+        eps,
     )
+    if synced:  # eval form scale * dy, plus the batch statistics' share from the group's sums
+        sum_g, sum_gx = sync.all_reduce_sums([grad_b, grad_w], group)
+        scale, _, invstd = bn.fold_bn(bn_weight, bn_bias, mean, var, eps)
+        count = sync.total_count(x.numel() // x.shape[1], x.device, group)
+        grad_x = bn.apply_correction(grad_x, x, scale, invstd, mean, sum_g, sum_gx, count)
     return grad_x, grad_w, grad_b
 
 
 @_backward_op.register_fake
-def _(grad_y, x, bn_weight, bn_bias, mean, var, y, indices, kernel_size, stride, padding, training, eps, backend):
+def _(
+    grad_y, x, bn_weight, bn_bias, mean, var, y, indices, kernel_size, stride, padding, training, eps, backend, group
+):
     return torch.empty_like(x), torch.empty_like(bn_weight), torch.empty_like(bn_bias)
 
 
 def _setup_context(ctx, inputs, output):
-    x, bn_weight, bn_bias, _, _, kernel_size, stride, padding, training, eps, _, backend = inputs
+    x, bn_weight, bn_bias, _, _, kernel_size, stride, padding, training, eps, _, backend, group = inputs
     y, mean, var, indices = output
     ctx.mark_non_differentiable(mean, var, indices)
     ctx.save_for_backward(x, bn_weight, bn_bias, mean, var, y, indices)
-    ctx.args = (kernel_size, stride, padding, training, eps, backend)
+    ctx.args = (kernel_size, stride, padding, training, eps, backend, group)
 
 
 def _backward(ctx, grad_y, grad_mean, grad_var, grad_indices):
     grad_x, grad_w, grad_b = torch.ops.t3d.bn_relu_maxpool_backward(grad_y, *ctx.saved_tensors, *ctx.args)
-    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
@@ -208,12 +253,14 @@ def bn_relu_maxpool(
     momentum: float = 0.1,
     eps: float = 1e-5,
     backend: str = "auto",
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """``max_pool3d(relu(batch_norm(x)), kernel_size, stride, padding)`` in one fused op; same contract as
     :func:`t3d_kernels.reference.bn_relu_maxpool`.
 
     x: (N, C, T, H, W); bn_*: (C,). Returns (N, C, To, Ho, Wo) with PyTorch's pooling sizes (floor mode). In
-    training the batch statistics normalize x and the running statistics are updated in place.
+    training the batch statistics normalize x and the running statistics are updated in place. ``process_group``: in
+    training, synchronise the BN statistics over this group (``nn.SyncBatchNorm``'s numbers).
     """
     check_input(x)
     if torch.is_autocast_enabled(x.device.type) and isinstance(bn_weight, torch.Tensor) and x.dtype != bn_weight.dtype:
@@ -233,7 +280,8 @@ def bn_relu_maxpool(
         raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel_size {kernel_size}")
     if training and x.numel() == x.shape[1]:
         raise ValueError(f"x: expected more than 1 value per channel when training, got shape {tuple(x.shape)}")
-    name = resolve("bn_relu_maxpool", backend, x.device, x.dtype)
+    group = sync.group_name(process_group) if training and process_group is not None else ""
+    name = resolve("bn_relu_maxpool", backend, x.device, x.dtype, group=bool(group))
     direct = get("bn_relu_maxpool", name).impl.get("direct")
     if direct is not None:
         return direct(
@@ -253,7 +301,10 @@ def bn_relu_maxpool(
         eps,
         save_indices,
         name,
+        group,
     )
     if training:
-        bn.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+        count = x.numel() // x.shape[1]
+        count = sync.total_count(count, x.device, group) if group else count
+        bn.update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
