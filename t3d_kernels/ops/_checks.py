@@ -66,3 +66,36 @@ def check_ttl_args(x, bn_weight, bn_bias, running_mean, running_var, weights, au
             raise ValueError(
                 f"{name}: expected odd spatial kernel sizes (kh, kw) for 'same' padding, got {_describe(w)}"
             )
+
+
+def check_dense_block_args(x, layers, autocast: bool = False) -> None:
+    """The arguments of :func:`t3d_kernels.dense_block`; ``autocast``: the conv weights may differ in dtype."""
+    check_input(x)
+    if isinstance(layers, torch.Tensor) or len(layers) == 0:
+        raise ValueError("layers: expected a non-empty sequence of (norm1, conv1_weight, norm2, conv2_weight)")
+    c = int(x.shape[1])
+    for i, layer in enumerate(layers):
+        if len(layer) != 4:
+            raise ValueError(
+                f"layers[{i}]: expected (norm1, conv1_weight, norm2, conv2_weight), got {len(layer)} items"
+            )
+        norm1, w1, norm2, w2 = layer
+        check_tensor(f"layers[{i}].conv1_weight", w1, x, cast=autocast)
+        if w1.dim() != 5 or w1.shape[1] != c or tuple(w1.shape[2:]) != (1, 1, 1):
+            raise ValueError(
+                f"layers[{i}].conv1_weight: expected shape (B, {c}, 1, 1, 1) (layer {i} reads C_0 + sum of earlier "
+                f"growths = {c} channels), got {_describe(w1)}"
+            )
+        bott = int(w1.shape[0])
+        check_tensor(f"layers[{i}].conv2_weight", w2, x, cast=autocast)
+        if w2.dim() != 5 or w2.shape[1] != bott or any(s % 2 == 0 for s in w2.shape[2:]) or w2.shape[0] < 1:
+            raise ValueError(
+                f"layers[{i}].conv2_weight: expected shape (k, {bott}, kt, kh, kw) with odd kernel sizes, got "
+                f"{_describe(w2)}"
+            )
+        for name, norm, channels in (("norm1", norm1, c), ("norm2", norm2, bott)):
+            if len(norm) != 4:
+                raise ValueError(f"layers[{i}].{name}: expected (weight, bias, running_mean, running_var)")
+            for pname, p in zip(("weight", "bias", "running_mean", "running_var"), norm, strict=True):
+                check_tensor(f"layers[{i}].{name}.{pname}", p, x, (channels,), bn=True)
+        c += int(w2.shape[0])

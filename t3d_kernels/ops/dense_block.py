@@ -35,7 +35,7 @@ from ..backends import (
 from ..composite import bn, sync
 from ..composite import dense_block as composite_dense_block
 from ..geometry import dense_block_output_channels, layer_channels
-from ._checks import _describe, check_input, check_tensor
+from ._checks import check_dense_block_args
 
 __all__ = ["dense_block", "dense_block_output_channels"]
 
@@ -302,38 +302,6 @@ register_autocast("dense_block", cast=(0, 5, 10), backend_arg=13)  # x, conv1_we
 _Norm = Sequence[torch.Tensor]
 
 
-def _check_args(x, layers, autocast: bool = False) -> None:
-    check_input(x)
-    if isinstance(layers, torch.Tensor) or len(layers) == 0:
-        raise ValueError("layers: expected a non-empty sequence of (norm1, conv1_weight, norm2, conv2_weight)")
-    c = int(x.shape[1])
-    for i, layer in enumerate(layers):
-        if len(layer) != 4:
-            raise ValueError(
-                f"layers[{i}]: expected (norm1, conv1_weight, norm2, conv2_weight), got {len(layer)} items"
-            )
-        norm1, w1, norm2, w2 = layer
-        check_tensor(f"layers[{i}].conv1_weight", w1, x, cast=autocast)
-        if w1.dim() != 5 or w1.shape[1] != c or tuple(w1.shape[2:]) != (1, 1, 1):
-            raise ValueError(
-                f"layers[{i}].conv1_weight: expected shape (B, {c}, 1, 1, 1) (layer {i} reads C_0 + sum of earlier "
-                f"growths = {c} channels), got {_describe(w1)}"
-            )
-        bott = int(w1.shape[0])
-        check_tensor(f"layers[{i}].conv2_weight", w2, x, cast=autocast)
-        if w2.dim() != 5 or w2.shape[1] != bott or any(s % 2 == 0 for s in w2.shape[2:]) or w2.shape[0] < 1:
-            raise ValueError(
-                f"layers[{i}].conv2_weight: expected shape (k, {bott}, kt, kh, kw) with odd kernel sizes, got "
-                f"{_describe(w2)}"
-            )
-        for name, norm, channels in (("norm1", norm1, c), ("norm2", norm2, bott)):
-            if len(norm) != 4:
-                raise ValueError(f"layers[{i}].{name}: expected (weight, bias, running_mean, running_var)")
-            for pname, p in zip(("weight", "bias", "running_mean", "running_var"), norm, strict=True):
-                check_tensor(f"layers[{i}].{name}.{pname}", p, x, (channels,), bn=True)
-        c += int(w2.shape[0])
-
-
 def dense_block(
     x: torch.Tensor,
     layers: Sequence[tuple[_Norm, torch.Tensor, _Norm, torch.Tensor]],
@@ -355,7 +323,7 @@ def dense_block(
     Under autocast x and the conv weights compute in the autocast dtype, the BN statistics in float32.
     """
     autocast = autocast_dtype("dense_block", x)
-    _check_args(x, layers, autocast is not None)
+    check_dense_block_args(x, layers, autocast is not None)
     group = sync.group_name(process_group) if training and process_group is not None else ""
     # under autocast the rule casts x (to the autocast dtype, or to float32: the declared fallback)
     dtype = x.dtype if autocast is None else None
