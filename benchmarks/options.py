@@ -19,6 +19,8 @@ OP_MODULES = {
     "data": ".bench_data",
     "export": ".bench_export",
 }
+# the default suite: the ops and the model; decoding (data) and the ONNX export (export) are asked for by name
+DEFAULT_OPS = ("ttl", "dense_block", "bn_relu_maxpool", "model")
 _HERE = Path(__file__).resolve().parent
 # in a checkout, benchmarks/results/ (the layout the docs show); installed, a folder in the working directory
 DEFAULT_OUT = _HERE / "results" if (_HERE.parent / "pyproject.toml").exists() else Path("t3d-bench-results")
@@ -44,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ops",
         type=lambda s: _csv_list(s, "--ops", tuple(OP_MODULES)),
-        default=tuple(OP_MODULES),
-        help="comma-separated ops to run",
+        default=DEFAULT_OPS,
+        help=f"comma-separated ops to run, of {','.join(OP_MODULES)}",
     )
     p.add_argument(
         "--passes",
