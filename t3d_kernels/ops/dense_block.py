@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .. import _ext
 from ..backends import resolve
-from ._checks import _describe, check_input, check_tensor
+from ._checks import _describe, check_input, check_shape_for_mode, check_tensor
 
 __all__ = ["dense_block", "dense_block_output_channels"]
 
@@ -518,10 +518,17 @@ def dense_block(
     ``backend``: "auto", or one of :func:`t3d_kernels.backends` ("reference" runs the plain-PyTorch reference).
     """
     _check_args(x, layers)
+    check_shape_for_mode(x, training)
     name = resolve("dense_block", backend, x.device)
     if backend == "auto" and name in ("cpu", "cuda") and x.dtype not in (torch.float32, torch.float64):
         # the C++/CUDA kernels take float32/float64; other dtypes (fp16, bf16) run the same algorithm in torch ops
         name = "composite"
+    if name == "triton" and x.dtype == torch.float64:
+        # its kernels accumulate in float32: a float64 result of float32 accuracy would be a silent loss
+        raise TypeError(
+            "x: the triton backend of dense_block computes in float32 (float16, bfloat16), got float64; "
+            "use backend='composite' or 'cpu' for float64"
+        )
     if name == "reference":
         from .. import reference
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .. import _ext
 from ..backends import resolve
 from ..reference import temporal_padding
-from ._checks import check_ttl_args
+from ._checks import check_shape_for_mode, check_ttl_args
 
 __all__ = ["ttl", "ttl_output_shape"]
 
@@ -317,6 +317,7 @@ def ttl(
     ``backend``: "auto", or one of :func:`t3d_kernels.backends` ("reference" runs the plain-PyTorch reference).
     """
     check_ttl_args(x, bn_weight, bn_bias, running_mean, running_var, weights)
+    check_shape_for_mode(x, training, pool)
     name = resolve("ttl", backend, x.device)
     if name == "reference":
         from .. import reference
