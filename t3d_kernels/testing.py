@@ -248,7 +248,8 @@ _TTL_CASES = [
     ((1, 3, 3, 4, 6), [(3, 1, 1), (2, 4, 3), (1, 7, 5), (2, 2, 1)], True, "channels_last_3d", False),  # T < depth
     ((1, 3, 3, 4, 5), [(2, 1, 1), (2, 7, 1), (1, 2, 3)], True, "channels_last_3d", True),  # the same, fewer taps
     ((1, 20, 5, 6, 7), [(50, 1, 1), (17, 5, 3)], True, "contiguous", False),  # more than one vector block
-    ((2, 6, 4, 5, 5), [(3, 1, 1), (4, 3, 3)], False, "non_contiguous", True),  # un-pooled concat
+    ((2, 6, 4, 5, 5), [(3, 1, 1), (4, 3, 3)], False, "non_contiguous", False),  # un-pooled concat
+    ((2, 4, 3, 4, 4), [(2, 1, 1), (3, 3, 3)], False, "non_contiguous", True),  # the same, tiny
     ((1, 9, 2, 2, 3), [(1, 1, 1), (2, 3, 3)], True, "expanded", True),  # the smallest poolable clip
     ((2, 7, 4, 4, 5), [(8, 1, 1), (9, 3, 3), (8, 4, 3)], True, "contiguous", False),  # few positions, many channels
     ((1, 5, 3, 3, 3), [(4, 1, 1), (5, 3, 3)], False, "contiguous", True),  # GEMM path without pooling

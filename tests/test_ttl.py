@@ -105,6 +105,8 @@ def test_backend_matches_reference(backend, device, dtype, case):
     samples = _samples(backend, device)
     if case >= len(samples):
         pytest.skip("a larger sample than the Triton interpreter runs")
+    if (backend, device) in INTERPRETED and dtype == torch.float64 and not samples[case].kwargs["training"]:
+        pytest.skip("the Triton interpreter runs float64 in training only (time)")
     failures = check_backend(samples[case], backend, device, dtype)
     assert not failures, "\n".join(failures)
 
@@ -116,7 +118,7 @@ def test_running_stats_after_several_steps(backend, device):
     b = tk.TemporalTransition(6, 9, (1, 3, 4), backend=backend).double().to(device)
     b.load_state_dict(a.state_dict())
     for step in range(4):
-        x = torch.randn(2, 6, 5, 6, 6, dtype=torch.float64) * (step + 1) + step
+        x = torch.randn(2, 6, 4, 4, 5, dtype=torch.float64) * (step + 1) + step
         a(x).sum().backward()
         b(x.to(device)).sum().backward()
     for key, value in a.state_dict().items():
