@@ -16,7 +16,7 @@ $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q setuptools wheel ninja pybind11 numpy "triton>=3.0" av tqdm rich matplotlib \
-		pytest pytest-benchmark hypothesis ruff
+		pytest pytest-benchmark hypothesis ruff scikit-video onnx onnxscript onnxruntime
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

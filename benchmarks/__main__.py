@@ -46,6 +46,8 @@ OP_MODULES = {
     "ttl": "benchmarks.bench_ttl",
     "dense_block": "benchmarks.bench_dense_block",
     "model": "benchmarks.bench_model",
+    "data": "benchmarks.bench_data",
+    "export": "benchmarks.bench_export",
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

@@ -1,7 +1,7 @@
 """Training checkpoints: atomic writes, ``weights_only=True`` loads, RNG capture and restore.
 
 A checkpoint is a plain dict of tensors and Python primitives, so ``torch.load(..., weights_only=True)`` can read
-it (no pickled code runs on load). Layout written by :func:`t3d.train.Trainer` (other writers may add keys)::
+it (no pickled code runs on load). Layout written by :class:`t3d.training.Trainer` (other writers may add keys)::
 
     {
         "format": "t3d-checkpoint", "version": 1,

@@ -87,9 +87,8 @@ def cleanup(ctx: DistContext) -> None:
 def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     """DistributedDataParallel around ``model`` when distributed, else ``model`` itself.
 
-    Buffers (BN running stats) are broadcast from rank 0 at every forward (DDP's default). Note: BN *batch*
-    statistics stay per process; SyncBatchNorm cannot reach the BN inside the fused TTL/dense-block ops, so
-    multi-process training matches single-process training exactly only with frozen BN (``--freeze-bn``).
+    Buffers (BN running stats) are broadcast from rank 0 at every forward (DDP's default). BN *batch* statistics
+    stay per process unless the model was converted (``--sync-bn``, :func:`t3d.training.convert_sync_batchnorm`).
     """
     if not ctx.distributed:
         return model

@@ -1,7 +1,8 @@
 """Evaluation: clip-level and video-level top-1/top-5 accuracy, confusion matrix (CSV + PNG); ``t3d eval``.
 
-Clip level: every sampled clip is classified on its own. Video level: the softmax scores of a video's ``num_clips``
-uniformly spread clips are averaged, as in the paper's testing protocol. The confusion matrix is video-level
+Clip level: every sampled view is classified on its own. Video level: the softmax scores of a video's views are
+averaged, as in the paper's testing protocol: ``num_clips`` uniformly spread clips, each one center crop or (``--crops
+3``) three crops along the long side (the "10 x 3 views" peers report). The confusion matrix is video-level
 (rows: true class, columns: predicted class).
 
 Reusable: :func:`evaluate` (a model and a test-mode loader -> metrics), :func:`topk_correct`,
@@ -19,6 +20,13 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .checkpoint import extract_state_dict, load_checkpoint
+from .cli_args import AMP_CHOICES, add_common_data_args
+from .data import ClipTransform, build_dataset, make_loader
+from .distributed import resolve_device
+from .models import build_model
+from .training import amp_settings
 
 __all__ = ["evaluate", "topk_correct", "write_confusion_csv", "plot_confusion", "add_parser"]
 
@@ -41,7 +49,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run ``model`` in eval mode over a loader of test-mode batches.
 
-    Batches: {"clips": (N, K, 3, T, H, W) (or (N, 3, T, H, W) for K = 1), "labels": (N,), "count", "skipped"}.
+    Batches: {"clips": (N, K, 3, T, H, W) (or (N, 3, T, H, W) for K = 1, or (N, K, S, 3, T, H, W) for K clips x S
+    spatial crops), "labels": (N,), "count", "skipped"}. Every view (clip x crop) counts as one clip.
     Returns {"clip_top1", "clip_top5", "video_top1", "video_top5" (fractions), "clips", "videos", "skipped",
     "confusion": (C, C) int64 tensor, "video_scores": (V, C), "video_labels": (V,), "video_indices": (V,)}.
     """
@@ -64,6 +73,7 @@ def evaluate(
         clips = batch["clips"]
         if clips.dim() == 5:
             clips = clips[:, None]
+        clips = clips.flatten(1, -5)  # (N, views, 3, T, H, W): K clips x S crops
         n, k = clips.shape[:2]
         labels = batch["labels"]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -128,8 +138,15 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: str, t
         if n <= 12:
             for i in range(n):
                 for j in range(n):
-                    ax.text(j, i, int(c[i, j]), ha="center", va="center", fontsize=8,
-                            color="white" if norm[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(c[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion (video level, row-normalized)")
@@ -139,27 +156,30 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: str, t
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import extract_state_dict, load_checkpoint
-    from .data import ClipTransform, build_dataset, make_loader
-    from .distributed import resolve_device
-    from .train import amp_settings, build_model
-
     ckpt = load_checkpoint(args.checkpoint)
     meta = ckpt.get("meta") or {}
     need = ("model", "classes", "clip")
     if not all(k in meta for k in need):
-        raise ValueError(f"--checkpoint: {args.checkpoint!r} has no training metadata {list(need)} (not written by "
-                         "t3d train?)")
+        raise ValueError(
+            f"--checkpoint: {args.checkpoint!r} has no training metadata {list(need)} (not written by t3d train?)"
+        )
     if args.clips < 1:
         raise ValueError(f"--clips: expected at least 1 clip per video, got {args.clips}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     clip = [int(v) for v in meta["clip"]]
-    transform = ClipTransform(clip[1:], resize=meta.get("resize"), train=False)
+    transform = ClipTransform(clip[1:], resize=meta.get("resize"), train=False, crops=args.crops)
     dataset = build_dataset(
-        args.data_dir, format=args.format, split=args.split, fold=args.fold, annotations=args.annotations,
-        clip_len=clip[0], frame_stride=int(meta.get("frame_stride", 1)), mode="test", num_clips=args.clips,
+        args.data_dir,
+        format=args.format,
+        split=args.split,
+        fold=args.fold,
+        annotations=args.annotations,
+        clip_len=clip[0],
+        frame_stride=int(meta.get("frame_stride", 1)),
+        mode="test",
+        num_clips=args.clips,
         transform=transform,
     )
     if list(dataset.classes) != list(meta["classes"]):
@@ -177,22 +197,37 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}")
     os.makedirs(out, exist_ok=True)
     write_confusion_csv(result["confusion"], dataset.classes, os.path.join(out, "confusion.csv"))
-    plot_confusion(result["confusion"], dataset.classes, os.path.join(out, "confusion.png"),
-                   f"{meta['model']} on {os.path.basename(os.path.abspath(args.data_dir))} ({args.split})")
-    summary = {k: result[k] for k in ("clip_top1", "clip_top5", "video_top1", "video_top5", "clips", "videos",
-                                      "skipped")}
-    summary.update(checkpoint=os.path.abspath(args.checkpoint), split=args.split, clips_per_video=args.clips)
+    plot_confusion(
+        result["confusion"],
+        dataset.classes,
+        os.path.join(out, "confusion.png"),
+        f"{meta['model']} on {os.path.basename(os.path.abspath(args.data_dir))} ({args.split})",
+    )
+    summary = {
+        k: result[k] for k in ("clip_top1", "clip_top5", "video_top1", "video_top5", "clips", "videos", "skipped")
+    }
+    summary.update(
+        checkpoint=os.path.abspath(args.checkpoint), split=args.split, clips_per_video=args.clips, crops=args.crops
+    )
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(out, "predictions.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["video", "label", "predicted", "score"])
-        for idx, label, s in zip(result["video_indices"].tolist(), result["video_labels"].tolist(),
-                                 result["video_scores"], strict=True):
-            w.writerow([dataset.records[idx].path, dataset.classes[label], dataset.classes[int(s.argmax())],
-                        f"{float(s.max()):.4f}"])
+        for idx, label, s in zip(
+            result["video_indices"].tolist(), result["video_labels"].tolist(), result["video_scores"], strict=True
+        ):
+            w.writerow(
+                [
+                    dataset.records[idx].path,
+                    dataset.classes[label],
+                    dataset.classes[int(s.argmax())],
+                    f"{float(s.max()):.4f}",
+                ]
+            )
     print(
-        f"{summary['videos']} videos ({summary['clips']} clips, {summary['skipped']} skipped): "
+        f"{summary['videos']} videos ({summary['clips']} {'views' if args.crops > 1 else 'clips'}, "
+        f"{summary['skipped']} skipped): "
         f"clip top-1 {summary['clip_top1']:.4f} top-5 {summary['clip_top5']:.4f} | "
         f"video top-1 {summary['video_top1']:.4f} top-5 {summary['video_top5']:.4f}; wrote {out}/confusion.csv, "
         "confusion.png, metrics.json, predictions.csv"
@@ -201,16 +236,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from .train import add_common_data_args
-
     p = sub.add_parser("eval", help="clip- and video-level accuracy and confusion matrix of a trained checkpoint")
     add_common_data_args(p)
     p.set_defaults(backend=None)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by t3d train (e.g. OUT/last.pt)")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     p.add_argument("--clips", type=int, default=5, help="uniformly spread clips per video (default 5)")
+    p.add_argument(
+        "--crops",
+        type=int,
+        default=1,
+        choices=(1, 3),
+        help="spatial crops per clip: 1 center crop (default) or 3 along the long side (the 10x3 views)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="videos per batch (default 4)")
-    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES)
     p.add_argument("--out", default=None, help="output directory (default: next to the checkpoint, eval_<split>)")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.set_defaults(func=run)

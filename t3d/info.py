@@ -9,15 +9,8 @@ from torch import nn
 
 from t3d_kernels import DenseBlock3d, TemporalTransition
 
+from .cli_args import parse_clip
 from .models import MODELS
-
-
-def parse_clip(text: str) -> tuple[int, int, int]:
-    """'32x224x224' -> (32, 224, 224)."""
-    parts = text.lower().split("x")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"--clip: expected TxHxW with positive integers (e.g. 32x224x224), got {text!r}")
-    return tuple(int(p) for p in parts)
 
 
 def _conv_macs(module: nn.Module, out: torch.Tensor) -> int:

@@ -112,7 +112,7 @@ def test_ttl_module_reported_shape():
 
 
 def _freeze_all(model):
-    from t3d.train import freeze_batchnorm
+    from t3d.training import freeze_batchnorm
 
     freeze_batchnorm(model)
 

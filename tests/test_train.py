@@ -25,7 +25,7 @@ from t3d.checkpoint import (
 )
 from t3d.cli import main as cli_main
 from t3d.models import t3d_tiny
-from t3d.train import (
+from t3d.training import (
     StepOutput,
     TrainConfig,
     WarmupSchedule,
@@ -115,6 +115,28 @@ def test_eval_outputs(synthetic, trained_3d, tmp_path, capsys):
     assert "video top-1" in capsys.readouterr().out
 
 
+def test_eval_three_crops_averages_every_view(synthetic, trained_3d, tmp_path, capsys):
+    """`t3d eval --crops 3`: clips x 3 spatial crops per video (the 10x3 views), video score = mean over all views."""
+    out3d, _ = trained_3d
+    m = _eval(synthetic, out3d / "last.pt", tmp_path / "ev3", "--clips", "2", "--crops", "3")
+    assert (m["clips"], m["videos"], m["crops"], m["clips_per_video"]) == (96, 16, 3, 2)
+    assert m["video_top1"] >= 0.85, m
+    assert "96 views" in capsys.readouterr().out
+
+    from t3d.evaluate import evaluate
+
+    class MeanOfView(nn.Module):  # logits [0, mean of the view]: the video score is a known function of the views
+        def forward(self, x):
+            return torch.stack([torch.zeros(len(x)), x.mean((1, 2, 3, 4))], 1)
+
+    views = torch.randn(2, 2, 3, 3, 16, 4, 4)  # (videos, clips, crops, 3, T, H, W)
+    batch = {"clips": views, "labels": torch.tensor([0, 1]), "indices": torch.tensor([0, 1]), "count": 2}
+    result = evaluate(MeanOfView(), [batch], 2)
+    per_view = torch.stack([torch.zeros(2, 6), views.flatten(1, 2).mean((2, 3, 4, 5))], -1).softmax(-1)
+    assert result["clips"] == 12
+    torch.testing.assert_close(result["video_scores"], per_view.mean(1))
+
+
 def test_resume_after_interruption_is_bit_exact(synthetic, tmp_path):
     """Stop after 3 optimizer steps (mid-epoch, mid-accumulation boundaries), resume with DataLoader workers:
     the final weights equal an uninterrupted run's exactly (dropout, augmentation, shuffling all reproduced)."""
@@ -198,7 +220,7 @@ def test_trainer_with_a_custom_step_function(tmp_path, capsys):
     from torch.utils.data import DataLoader
 
     from t3d.data import EpochSampler
-    from t3d.train import Trainer, make_scheduler
+    from t3d.training import Trainer, make_scheduler
 
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
@@ -289,8 +311,39 @@ def test_schedule_and_optimizer_defaults():
         TrainConfig(schedule="linear")
 
 
-def test_skipped_videos_are_counted_in_training(tmp_path):
-    """A dataset with an empty, a corrupt and a too-short video trains; every epoch reports the 3 skipped."""
+def test_amp_policy_on_gpus(monkeypatch):
+    """--amp auto on a GPU: bf16 where the GPU has it, else fp16 with loss scaling (the policy alone: no GPU here)."""
+    import t3d.training.amp as amp
+
+    model = t3d_tiny()
+    monkeypatch.setattr(amp, "fused_ops_support_autocast", lambda m, device_type: True)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp.amp_settings("auto", cuda, model) == (True, torch.bfloat16, False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert amp.amp_settings("auto", cuda, model) == (True, torch.float16, True)
+    assert amp.amp_settings("fp16", cuda, model) == (True, torch.float16, True)
+    assert amp.amp_settings("off", cuda, model) == (False, None, False)
+
+
+@pytest.mark.parametrize("model", ["frame2d", "t3d_tiny"])
+def test_amp_bf16_trains_on_cpu(synthetic, tmp_path, capsys, model):
+    """`t3d train --amp bf16` on the CPU: trains (finite loss), weights and BN statistics stay float32. A model whose
+    fused ops have no CPU autocast rule yet is refused with a clear message instead of a crash."""
+    argv = ["--model", model, "--amp", "bf16", "--max-steps", "2", "--workers", "0"]
+    if not fused_ops_support_autocast(t3d_tiny(), "cpu") and model != "frame2d":
+        assert cli_main(["train", synthetic, "--out", str(tmp_path / "x"), *COMMON, *argv]) == 2
+        assert "--amp: bf16 autocast is not supported by this model's fused ops" in capsys.readouterr().err
+        return
+    log = _train(synthetic, tmp_path / "bf16", *argv)
+    assert all(np.isfinite(r["loss"]) for r in log)
+    state = load_checkpoint(tmp_path / "bf16" / "last.pt")["model"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_skipped_videos_are_counted_in_training(tmp_path, capfd):
+    """A dataset with an empty, a corrupt and a too-short video trains; every epoch reports the 3 skipped, and each
+    skip is one clean line (no Python warning with its source line)."""
     from _synthetic_fixtures import write_motion_video
 
     root = tmp_path / "mixed"
@@ -304,6 +357,12 @@ def test_skipped_videos_are_counted_in_training(tmp_path):
     log = _train(str(root), tmp_path / "out", "--epochs", "2", "--batch-size", "6", "--workers", "1",
                  "--backend", "reference", "--split", "all", "--hflip", "off")
     assert [r["skipped"] for r in log] == [3, 3] and [r["clips"] for r in log] == [9, 9]
+    err = capfd.readouterr().err.splitlines()
+    assert sum(line.startswith("skipping video ") for line in err) == 6, err  # 3 per epoch, from the worker
+    assert [line for line in err if line.startswith("epoch ")] == [
+        f"epoch {e}: skipped 3 unreadable/too-short videos" for e in (1, 2)
+    ]
+    assert not [line for line in err if "Warning" in line or "warnings.warn" in line], err
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from t3d.checkpoint import load_model_weights
 from t3d.cli import main as cli_main
 from t3d.data import EpochSampler, collate_clips, make_loader
 from t3d.models import DenseNet2d, t3d_tiny
-from t3d.train import TrainConfig, Trainer, make_optimizer
+from t3d.training import TrainConfig, Trainer, make_optimizer
 from t3d.transfer import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -317,28 +317,58 @@ def test_bad_teacher_weights_give_clear_errors(tmp_path):
     state = tiny_teacher_2d().state_dict()
     missing = {k: v for k, v in state.items() if not k.startswith("features.norm5.")}
     with pytest.raises(ValueError, match=r"teacher weights: .*missing keys \(5\).*features\.norm5"):
-        build_teacher(student, missing)
+        build_teacher(student, missing, arch="matching")
     wrong = dict(state, **{"features.denseblock1.denselayer1.conv1.weight": torch.zeros(16, 16, 3, 3)})
     with pytest.raises(ValueError, match=r"wrong shapes.*denselayer1\.conv1\.weight: expected \(16, 16, 1, 1\)"):
-        build_teacher(student, wrong)
+        build_teacher(student, wrong, arch="matching")
     bad_file = tmp_path / "bad.pth"
     torch.save({"features.conv0.weight": [1, 2, 3]}, bad_file)
     with pytest.raises(ValueError, match="expected a state_dict"):
-        build_teacher(student, bad_file)
+        build_teacher(student, bad_file, arch="matching")
     with pytest.raises(ValueError, match="expected a state_dict .* got list"):
         torch.save([1], bad_file)
-        build_teacher(student, bad_file)
-    with pytest.raises(ValueError, match="teacher arch"):
+        build_teacher(student, bad_file, arch="matching")
+    with pytest.raises(ValueError, match="teacher arch: expected 'matching' or one of"):
         build_teacher(student, state, arch="resnet50")
     # DenseNet-121 asked for, tiny weights given: the mismatch is listed, not a crash
     with pytest.raises(ValueError, match="missing keys"):
         build_teacher(student, state, arch="densenet121")
     # DDP-saved ("module.") and pre-PyTorch-0.4.1 (no num_batches_tracked) state dicts are accepted
     legacy = {"module." + k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    assert torch.equal(build_teacher(student, legacy).model.features.norm5.weight, state["features.norm5.weight"])
+    assert torch.equal(
+        build_teacher(student, legacy, arch="matching").model.features.norm5.weight, state["features.norm5.weight"]
+    )
     # the ImageNet classifier is optional
-    teacher = build_teacher(student, {k: v for k, v in state.items() if not k.startswith("classifier.")})
+    teacher = build_teacher(
+        student, {k: v for k, v in state.items() if not k.startswith("classifier.")}, arch="matching"
+    )
     assert torch.equal(teacher.model.features.conv0.weight, state["features.conv0.weight"])
+
+
+def test_paper_teacher_for_any_student(tmp_path, capsys):
+    """The default teacher is the paper's 2D DenseNet-121 whatever the student (t3d_tiny here, a 23-d feature): the
+    head concatenates 1024 + 23; `t3d transfer --model t3d_tiny --teacher-weights densenet121.pth` trains a step."""
+    from t3d.models import densenet121
+
+    torch.manual_seed(0)
+    weights = tmp_path / "densenet121.pth"
+    torch.save(densenet121().state_dict(), weights)
+    student = t3d_tiny()
+    teacher = build_teacher(student, weights)
+    assert teacher.feature_dim == 1024 and student.num_features == 23
+    model = TransferModel(student, TransferHead(teacher.feature_dim, student.num_features))
+    assert model.head.layers.fc1.in_features == 1024 + 23
+    clips = torch.randn(2, 3, *CLIP)
+    assert model(clips, teacher(clips), torch.tensor([1, 0])).shape == (4, 2)
+    # the CLI: densenet121 by default; `matching` asks for the student's 2D twin, which these weights are not
+    data = tmp_path / "syn"
+    assert t3d(f"make-synthetic {data} --classes 2 --train-per-class 2 --test-per-class 1 --frames 16 --size 32") == 0
+    args = f"transfer {data} --teacher-weights {weights} --format ucf101 --model t3d_tiny --clip 16x32x32 "
+    args += "--batch-size 2 --max-steps 1 --workers 0 --no-progress"
+    assert t3d(f"{args} --out {tmp_path}/tr") == 0
+    assert "transfer densenet121 teacher (1024-d, frozen) -> t3d_tiny student" in capsys.readouterr().out
+    assert t3d(f"{args} --out {tmp_path}/tr2 --teacher matching") == 2
+    assert "unexpected keys" in capsys.readouterr().err
 
 
 def test_unlabeled_videos_and_source_groups(tmp_path):
@@ -378,7 +408,8 @@ def test_cli_inflate_transfer_finetune_eval(tmp_path, capsys):
     common = "--model t3d_tiny --clip 16x32x32 --workers 0 --no-progress"
     # the two ways combined: the student starts from the inflated teacher, then the transfer trains it
     assert t3d(f"inflate --weights {weights} --model t3d_tiny --num-classes 2 --out {tmp_path}/inflated.pt") == 0
-    transfer = f"transfer {data} --teacher-weights {weights} --out {tmp_path}/tr --batch-size 2 --format ucf101"
+    transfer = f"transfer {data} --teacher-weights {weights} --teacher matching --out {tmp_path}/tr --batch-size 2"
+    transfer += " --format ucf101"
     assert t3d(f"{transfer} --max-steps 2 --init {tmp_path}/inflated.pt {common}") == 0
     out = capsys.readouterr().out
     assert "student initialised from" in out and "student exported" in out
@@ -412,7 +443,8 @@ def test_two_process_gloo_transfer_equals_gradient_accumulation(tmp_path):
     data, weights = str(tmp_path / "syn"), str(tmp_path / "tiny2d.pth")
     make_synthetic(data, num_classes=2, train_per_class=4, test_per_class=1, frames=16, size=32)
     torch.save(tiny_teacher_2d().state_dict(), weights)
-    args = f"transfer {data} --teacher-weights {weights} --format ucf101 --model t3d_tiny --backend reference "
+    args = f"transfer {data} --teacher-weights {weights} --teacher matching --format ucf101 --model t3d_tiny "
+    args += "--backend reference "
     args += "--clip 16x32x32 --batch-size 2 --max-steps 2 --threads 1 --workers 0 --no-progress"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "t3d"]

@@ -15,7 +15,7 @@ A video is a file (PyAV) or a folder of JPEG frames. ``format="auto"`` recognise
 
 :class:`VideoDataset` samples clips of ``clip_len`` frames ``frame_stride`` apart: one random clip per video for
 training, ``num_clips`` clips uniformly spread for testing. A video that cannot be read or is too short returns a
-:class:`SkippedSample` (with a warning); :func:`t3d.data.collate_clips` drops and counts those.
+:class:`SkippedSample` (and prints one line naming it and why); :func:`t3d.data.collate_clips` drops and counts those.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import csv
 import json
 import os
 import random
-import warnings
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -271,6 +271,12 @@ def _folder(root: str, split: str) -> tuple[list[VideoRecord], list[str], list[s
     return records, classes, []
 
 
+def report_skip(message: str) -> None:
+    """Say that data is skipped: one plain line on stderr (from a DataLoader worker too), not a Python warning that
+    repeats its source line; training goes on and the skip is counted."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def find_records(
     root: str, format: str = "auto", split: str = "train", fold: int = 1, annotations: str | None = None
 ) -> tuple[list[VideoRecord], list[str]]:
@@ -289,9 +295,8 @@ def find_records(
     else:
         records, classes, missing = _folder(root, split)
     if missing:
-        warnings.warn(
-            f"{root}: {len(missing)} videos of split {split!r} listed but missing, skipped (first: {missing[0]})",
-            stacklevel=2,
+        report_skip(
+            f"{root}: {len(missing)} videos of split {split!r} listed but missing, skipped (first: {missing[0]})"
         )
     if not records:
         raise FileNotFoundError(f"data_dir: no videos found for split {split!r} in {root!r} (format {format})")
@@ -407,7 +412,7 @@ class VideoDataset(Dataset):
                 self._num_frames[index] = exc.num_frames
                 clips = self._load(rec.path, exc.num_frames, random.Random(seed))
         except (VideoReadError, OSError, ValueError) as exc:
-            warnings.warn(f"skipping video {rec.path}: {exc}", stacklevel=2)
+            report_skip(f"skipping video {rec.path}: {exc}")
             return SkippedSample(rec.path, str(exc))
         return {"clip": clips, "label": rec.label, "index": index}
 
@@ -419,7 +424,8 @@ class VideoDataset(Dataset):
         else:
             starts = uniform_starts(num, self.span, self.num_clips)
         indices = [s + i * self.frame_stride for s in starts for i in range(self.clip_len)]
-        frames = read_frames(path, indices)
+        # FFmpeg resizes to the transform's short side while converting (a full-resolution float clip costs more)
+        frames = read_frames(path, indices, short_side=getattr(self.transform, "resize", None))
         out = []
         for k in range(len(starts)):
             f = frames[k * self.clip_len : (k + 1) * self.clip_len]

