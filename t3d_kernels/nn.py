@@ -5,18 +5,25 @@ Parameters and state_dict keys never depend on the backend: the backend is a pla
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
-from .backends import _REGISTRY, BackendError, resolve
+from .backends import BackendError, declared, get, op_declaration, resolve
 from .ops.dense_block import dense_block
 from .ops.ttl import ttl
 
-__all__ = ["TemporalTransition", "DenseLayer3d", "DenseBlock3d", "bn_mode", "fuse", "split_channels"]
+__all__ = [
+    "TemporalTransition",
+    "DenseLayer3d",
+    "DenseBlock3d",
+    "autocast_support",
+    "bn_mode",
+    "fuse",
+    "split_channels",
+]
 
 
 def split_channels(total: int, parts: int) -> list[int]:
@@ -28,8 +35,8 @@ def split_channels(total: int, parts: int) -> list[int]:
 
 
 def _check_backend(op: str, backend: str) -> str:
-    if backend != "auto" and backend not in _REGISTRY[op]:
-        raise BackendError(f"backend: expected 'auto' or one of {sorted(_REGISTRY[op])}, got {backend!r}")
+    if backend != "auto" and backend not in declared(op):
+        raise BackendError(f"backend: expected 'auto' or one of {sorted(declared(op))}, got {backend!r}")
     return backend
 
 
@@ -147,6 +154,12 @@ def bn_mode(bn: nn.modules.batchnorm._BatchNorm) -> tuple[bool, float]:
     return training, momentum
 
 
+def _bn_relu(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """relu(bn(x)) in the BN module's own mode (:func:`bn_mode`), as the module itself would compute it."""
+    training, momentum = bn_mode(bn)
+    return F.relu(F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training, momentum, bn.eps))
+
+
 class DenseLayer3d(nn.Module):
     """One DenseNet-3D layer (torchvision's names): norm1-relu1-conv1 (1x1x1 to bn_size*k), norm2-relu2-conv2
     (3x3x3 to k). Input (N, C, T, H, W), output the k new channels (N, k, T, H, W)."""
@@ -162,10 +175,8 @@ class DenseLayer3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # each BN in its own mode (a frozen norm1 with a training norm2 is a valid state)
-        train1, momentum1 = bn_mode(self.norm1)
-        h = F.conv3d(reference.bn_relu(x, *_bn_args(self.norm1), train1, momentum1, self.norm1.eps), self.conv1.weight)
-        train2, momentum2 = bn_mode(self.norm2)
-        z = reference.bn_relu(h, *_bn_args(self.norm2), train2, momentum2, self.norm2.eps)
+        h = F.conv3d(_bn_relu(x, self.norm1), self.conv1.weight)
+        z = _bn_relu(h, self.norm2)
         return F.conv3d(z, self.conv2.weight, padding=tuple(s // 2 for s in self.conv2.weight.shape[2:]))
 
 
@@ -209,7 +220,7 @@ class DenseBlock3d(_BackendModule):
             len({(bn.training, bn.momentum, bn.eps, bn.track_running_stats) for bn in norms}) == 1
             and norms[0].track_running_stats
         )
-        if not uniform or resolve("dense_block", self.backend, x.device) == "reference":
+        if not uniform or resolve("dense_block", self.backend, x.device, x.dtype) == "reference":
             features = [x]
             for layer in layers:
                 features.append(layer(torch.cat(features, 1)))
@@ -233,3 +244,30 @@ def fuse(model: nn.Module, backend: str = "auto") -> nn.Module:
         if isinstance(module, _BackendModule):
             module.backend = backend
     return model
+
+
+def autocast_support(
+    model_or_ops: nn.Module | str | Iterable[str], device_type: str, dtype: torch.dtype
+) -> tuple[bool, list[str]]:
+    """Whether the fused ops that ``model_or_ops`` may call run under ``torch.autocast(device_type, dtype)``, and the
+    reasons when they do not (empty when they do).
+
+    ``model_or_ops``: a model (its :class:`TemporalTransition` / :class:`DenseBlock3d` modules are checked with the
+    backend each resolves to on ``device_type``; one that runs plain PyTorch ops falls under autocast's own rules),
+    or op names ("ttl", "t3d::dense_block"). A model without fused modules is supported.
+    """
+    if isinstance(model_or_ops, nn.Module):
+        uses = [(m._op, m.backend) for m in model_or_ops.modules() if isinstance(m, _BackendModule)]
+    else:
+        ops = [model_or_ops] if isinstance(model_or_ops, str) else list(model_or_ops)
+        uses = [(op_declaration(op).op, "auto") for op in ops]
+    device = torch.device(device_type)
+    reasons = []
+    for op, backend in dict.fromkeys(uses):
+        try:
+            plain = "direct" in get(op, resolve(op, backend, device)).impl
+        except BackendError:  # the backend cannot run on this device type at all: the op's rule decides
+            plain = False
+        if not plain and dtype not in op_declaration(op).autocast.get(device_type, ()):
+            reasons.append(f"t3d::{op}: no autocast rule for {str(dtype).removeprefix('torch.')} on {device_type}")
+    return not reasons, reasons

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .geometry import temporal_padding, ttl_padding
+
 __all__ = [
     "temporal_padding",
     "bn_relu",
@@ -18,18 +20,6 @@ __all__ = [
     "dense_layer",
     "dense_block",
 ]
-
-
-def temporal_padding(depth: int) -> tuple[int, int]:
-    """'Same' temporal padding (front, back) of a branch of temporal depth ``depth``.
-
-    Front (d-1)//2, back d-1-(d-1)//2, so an even depth pads one more frame at the back
-    (d=6 -> (2, 3), d=4 -> (1, 2)) and every branch keeps T frames.
-    """
-    if depth < 1:
-        raise ValueError(f"depth: expected an integer >= 1, got {depth}")
-    front = (depth - 1) // 2
-    return front, depth - 1 - front
 
 
 def bn_relu(
@@ -86,18 +76,14 @@ def ttl_pool_first(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """The pooled TTL by the pool-first algebra (DESIGN.md 2.1), written in plain PyTorch ops.
+    """The pooled TTL by the pool-first algebra (docs/design.md, "The pool-first algebra"), in plain PyTorch ops.
 
     ``avgpool2(conv_W(z)) == conv_W(box(z), stride 2)`` where box is the forward 2x2x2 window mean of the
     zero-padded z. Exact; 8x fewer conv FLOPs. Used by the benchmark to show what the kernels add beyond
     the algebra, and by the tests as a second, independent formulation.
     """
     z = bn_relu(x, bn_weight, bn_bias, bn_running_mean, bn_running_var, training, momentum, eps)
-    pads = [temporal_padding(w.shape[2]) for w in weights]
-    front = max(p[0] for p in pads)
-    back = max(p[1] for p in pads)
-    sh = max(w.shape[3] // 2 for w in weights)
-    sw = max(w.shape[4] // 2 for w in weights)
+    pads, front, back, sh, sw = ttl_padding(weights)
     # one extra zero at the end of every dim feeds the 2-window of the last position
     zp = F.pad(z, (sw, sw + 1, sh, sh + 1, front, back + 1))
     box = F.avg_pool3d(zp, 2, stride=1)

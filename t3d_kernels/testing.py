@@ -335,12 +335,12 @@ def run(
 def backend_device_pairs(op: str, include_reference: bool = False) -> list[tuple[str, str]]:
     """Every (backend, device) pair this install runs ``op`` on: each built backend on the CPU and, where a GPU is
     present, on "cuda" (triton on the CPU only under ``TRITON_INTERPRET=1``)."""
-    from .backends import _REGISTRY, backends
+    from .backends import backends, get
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return [
         (name, device)
         for device in devices
         for name in backends(op)
-        if (include_reference or name != "reference") and _REGISTRY[op][name][1](torch.device(device))
+        if (include_reference or name != "reference") and not get(op, name).not_supported_reasons(torch.device(device))
     ]

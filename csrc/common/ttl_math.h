@@ -1,5 +1,5 @@
 // Math of the fused TTL shared by the CPU and CUDA kernels (__host__ __device__ where it can be), so the CPU
-// tests exercise it. See DESIGN.md 2.1 and t3d_kernels/ops/ttl.py (the composite backend is the executable spec).
+// tests exercise it. See docs/design.md ("The pool-first algebra") and t3d_kernels/composite/ttl.py (the executable spec).
 //
 // Geometry. z = relu(x * scale + shift) (BN folded per channel), zero-padded in time by `front`/`back` (the
 // largest 'same' padding of any branch) and in space by ph/pw (the largest kh/2, kw/2): zp. With pooling, the
@@ -13,11 +13,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define T3D_HD __host__ __device__ __forceinline__
-#else
-#define T3D_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace t3d {
 

@@ -1,4 +1,4 @@
-// CPU kernels of the fused dense block (DESIGN.md 2.2; the math is in common/dense_block_math.h).
+// CPU kernels of the fused dense block (docs/design.md "Dense block"; the math is in common/dense_block_math.h).
 //
 // Forward, per layer i (C_i input channels, B = bn_size*k bottleneck channels, k new channels):
 //   1. BN1-ReLU fused into the 1x1x1 conv: the positions are cut into chunks; per chunk the normalized prefix
@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/dense_block_math.h"
+#include "common/dispatch.h"
 #include "dense_block.h"
 
 // The BLAS that torch links (MKL in the x86 wheels) exports the Fortran sgemm_/dgemm_; ATen's own cpublas::gemm
@@ -636,14 +637,12 @@ DenseForward dense_block_forward_cpu(const at::Tensor& x, const TensorList& bn1_
                                      const TensorList& bn2_bias, const TensorList& bn2_mean, const TensorList& bn2_var,
                                      const TensorList& conv2_weight, bool training, double eps) {
   check_dense_block_inputs(x, bn1_weight, bn1_bias, conv1_weight, bn2_weight, bn2_bias, conv2_weight);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "x: the CPU dense block kernel takes float32 or float64, got ", x.scalar_type());
   if (!training) {
     TORCH_CHECK(bn1_mean.size() == conv1_weight.size() && bn1_var.size() == conv1_weight.size() &&
                     bn2_mean.size() == conv1_weight.size() && bn2_var.size() == conv1_weight.size(),
                 "running statistics: expected one tensor per layer in eval mode");
   }
-  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dense_block_forward_cpu", [&] {
+  return T3D_DISPATCH_FP32_FP64(x, "x", "CPU dense block kernel", [&] {
     return forward_impl<scalar_t>(x, bn1_weight, bn1_bias, bn1_mean, bn1_var, conv1_weight, bn2_weight, bn2_bias,
                                   bn2_mean, bn2_var, conv2_weight, training, eps);
   });
@@ -656,9 +655,7 @@ DenseGrads dense_block_backward_cpu(const at::Tensor& grad_y, const at::Tensor& 
                                     const TensorList& bn2_bias, const TensorList& conv2_weight, bool training,
                                     double eps) {
   TORCH_CHECK(grad_y.sizes() == y.sizes(), "grad_y: expected shape ", y.sizes(), ", got ", grad_y.sizes());
-  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble,
-              "y: the CPU dense block kernel takes float32 or float64, got ", y.scalar_type());
-  return AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "dense_block_backward_cpu", [&] {
+  return T3D_DISPATCH_FP32_FP64(y, "y", "CPU dense block kernel", [&] {
     return backward_impl<scalar_t>(grad_y, y, mean1, var1, mean2, var2, bn1_weight, bn1_bias, conv1_weight,
                                    bn2_weight, bn2_bias, conv2_weight, training, eps);
   });

@@ -1,4 +1,4 @@
-// CPU kernels of the fused TTL (DESIGN.md 2.1): pool first through a box filter, every branch a stride-2
+// CPU kernels of the fused TTL (docs/design.md, "The pool-first algebra"): pool first through a box filter, every branch a stride-2
 // implicit GEMM over one box-filtered, channels-last source tensor; backward by the transposed algebra.
 //
 // Pieces (forward):

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused dense block (DESIGN.md 2.2; per-element math in common/dense_block_math.h, shared
+// CUDA kernels of the fused dense block (docs/design.md "Dense block"; per-element math in common/dense_block_math.h, shared
 // with the CPU kernels and so covered by the CPU tests).
 //
 // Same algorithm as csrc/cpu/dense_block_kernel.cpp: one buffer y, batch statistics once per channel, nothing
@@ -8,30 +8,20 @@
 // the normalization into its GEMM's load instead).
 // Only core torch headers (not ATen/cuda: those need the whole CUDA toolkit, cuSPARSE included, to compile).
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/Stream.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <cuda_runtime.h>
 #include <torch/extension.h>
 
 #include <vector>
 
+#include "common/cuda_launch.h"
 #include "common/dense_block_math.h"
+#include "common/dispatch.h"
 #include "dense_block.h"
 
 namespace t3d {
 namespace {
 
 constexpr int kThreads = 256;
-
-void check_launch() {
-  const cudaError_t err = cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, "dense block CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-cudaStream_t current_stream(const c10::Device& device) {
-  const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
-  return static_cast<cudaStream_t>(impl->getStream(device).native_handle());
-}
 
 int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)); }
 
@@ -417,10 +407,8 @@ DenseForward dense_block_forward_cuda(const at::Tensor& x, const TensorList& bn1
                                       const TensorList& bn2_var, const TensorList& conv2_weight, bool training,
                                       double eps) {
   check_dense_block_inputs(x, bn1_weight, bn1_bias, conv1_weight, bn2_weight, bn2_bias, conv2_weight);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "x: the CUDA dense block kernel takes float32 or float64, got ", x.scalar_type());
   c10::DeviceGuard guard(x.device());
-  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dense_block_forward_cuda", [&] {
+  return T3D_DISPATCH_FP32_FP64(x, "x", "CUDA dense block kernel", [&] {
     return forward_impl<scalar_t>(x, bn1_weight, bn1_bias, bn1_mean, bn1_var, conv1_weight, bn2_weight, bn2_bias,
                                   bn2_mean, bn2_var, conv2_weight, training, eps);
   });
@@ -433,10 +421,8 @@ DenseGrads dense_block_backward_cuda(const at::Tensor& grad_y, const at::Tensor&
                                      const TensorList& bn2_bias, const TensorList& conv2_weight, bool training,
                                      double eps) {
   TORCH_CHECK(grad_y.sizes() == y.sizes(), "grad_y: expected shape ", y.sizes(), ", got ", grad_y.sizes());
-  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble,
-              "y: the CUDA dense block kernel takes float32 or float64, got ", y.scalar_type());
   c10::DeviceGuard guard(y.device());
-  return AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "dense_block_backward_cuda", [&] {
+  return T3D_DISPATCH_FP32_FP64(y, "y", "CUDA dense block kernel", [&] {
     return backward_impl<scalar_t>(grad_y, y, mean1, var1, mean2, var2, bn1_weight, bn1_bias, conv1_weight,
                                    bn2_weight, bn2_bias, conv2_weight, training, eps);
   });

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused TTL (DESIGN.md 2.1), the same algorithm as t3d_kernels/triton/ttl.py:
+// CUDA kernels of the fused TTL (docs/design.md, "The pool-first algebra"), the same algorithm as t3d_kernels/triton/ttl.py:
 //   forward:  src = box(zero-padded relu(bn(x))) written channels-last (N, Ts, Hs, Ws, C_in) in one pass, then one
 //             stride-2 implicit GEMM per branch over src (M = output positions, N = C_i, K = taps * C_in) writing
 //             its channel slice of y; split-K over taps (atomics into an accumulator buffer) when the grid is small.
@@ -16,14 +16,13 @@
 // Only c10/core headers: a CPU build of torch (where CI compile-checks this file) ships no c10/cuda or ATen/cuda
 // configuration headers. The current stream comes through the CUDA device-guard implementation torch registers.
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/Stream.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
 #include <algorithm>
 #include <type_traits>
 
+#include "common/cuda_launch.h"
 #include "common/ttl_math.h"
 #include "ttl.h"
 
@@ -447,15 +446,6 @@ __global__ void __launch_bounds__(kThreads) box_adjoint_bn_bwd_kernel(
 // ------------------------------------------------------------------------------------------------------------------
 // host side
 // ------------------------------------------------------------------------------------------------------------------
-
-void cuda_check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "CUDA error: ", cudaGetErrorString(err)); }
-
-void check_launch() { cuda_check(cudaGetLastError()); }
-
-cudaStream_t current_stream(const c10::Device& device) {
-  const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
-  return static_cast<cudaStream_t>(impl->getStream(device).native_handle());
-}
 
 struct Branch {
   int64_t c_off, c_br, d, kh, kw, t0, h0, w0;

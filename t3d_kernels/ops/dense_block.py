@@ -1,22 +1,12 @@
-"""The fused dense block op ``t3d::dense_block`` (DESIGN.md 2.2): concat-free, shared BN statistics, recompute.
+"""The fused dense block op ``t3d::dense_block`` (docs/design.md, "Dense block"): concat-free, shared BN
+statistics, recompute.
 
 Layers (Liger-Kernel's pattern): backend kernels (C++ ``t3d_kernels._C``, Triton, CUDA) -> the registered custom
 ops ``t3d::dense_block`` / ``t3d::dense_block_backward`` with fake implementations and registered autograd -> the
 public :func:`dense_block` (argument checks, running-stat update) -> :class:`t3d_kernels.nn.DenseBlock3d`.
 
-Algorithm (every backend):
-
-- **One buffer** y of C_0 + sum k_i channels is the block's output; layer i reads its prefix y[:, :C_i] in place and
-  writes its k_i channels into its slice (no concat).
-- **Shared batch statistics**: in training a channel's batch mean/var are computed once, when it is written, and
-  every later layer's BN1 uses them (same data, same statistics); each layer keeps its own affine and running
-  statistics, so the results and the state_dict equal the reference's.
-- **BN1-ReLU fused into the 1x1x1 conv's input load**; **nothing normalized is saved**: only y and the statistics
-  (O(L) memory, against O(L^2) for the naive block); backward recomputes BN1-ReLU, conv1 and BN2-ReLU.
-- **Backward** sweeps the layers in reverse, accumulating dL/dy in one buffer. BN1's backward of layer i is split
-  into a local term (scale * gp, added at once) and a per-channel correction affine in y (its coefficients need
-  the whole reduction); corrections of all layers that read a channel are summed and applied once, when the
-  channel's gradient is needed (csrc/common/dense_block_math.h).
+The algorithm (one buffer, shared batch statistics, nothing normalized saved) is written once, in PyTorch ops,
+in :mod:`t3d_kernels.composite.dense_block`; every backend computes it.
 
 The op is functional: it returns ``(y, mean1, var1, mean2, var2)``, the statistics every layer's BN1/BN2 used,
 concatenated layer after layer (batch statistics, biased, in training; running statistics in eval), and the
@@ -28,244 +18,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import _ext
-from ..backends import resolve
+from ..backends import Backend, declare, extension_reason, get, resolve, triton_reason, triton_reasons_on
+from ..composite import bn
+from ..composite import dense_block as composite_dense_block
+from ..geometry import dense_block_output_channels, layer_channels
 from ._checks import _describe, check_input, check_shape_for_mode, check_tensor
 
 __all__ = ["dense_block", "dense_block_output_channels"]
 
-_VIEW = (1, -1, 1, 1, 1)
-
-
-def dense_block_output_channels(in_channels: int, conv2_weight: Sequence[torch.Tensor]) -> int:
-    """C_0 + sum k_i."""
-    return in_channels + sum(int(w.shape[0]) for w in conv2_weight)
-
-
-def _layer_channels(c0: int, conv2_weight: Sequence[torch.Tensor]) -> list[int]:
-    """C_i, the input channels of every layer."""
-    out, c = [], c0
-    for w in conv2_weight:
-        out.append(c)
-        c += int(w.shape[0])
-    return out
-
-
-def _same_padding(w: torch.Tensor) -> tuple[int, int, int]:
-    return int(w.shape[2]) // 2, int(w.shape[3]) // 2, int(w.shape[4]) // 2
-
-
-def _fold(weight, bias, mean, var, eps):
-    """BN folded into scale/shift (in float64 for the statistics' sake, returned in the parameters' dtype)."""
-    invstd = torch.rsqrt(var.double() + eps)
-    scale = weight.double() * invstd
-    shift = bias.double() - mean.double() * scale
-    return scale.to(weight.dtype), shift.to(weight.dtype), invstd
-
 
 # --------------------------------------------------------------------------------------------------------
-# "composite" backend: the fused algorithm in PyTorch ops (any device). The executable specification of what
-# the C++/CUDA kernels do, and the orchestration the Triton backend reuses with its own kernels.
+# backends: what each runs ("forward"/"backward" behind the custom op, "direct" the whole public function with
+# PyTorch's autograd) and where
 # --------------------------------------------------------------------------------------------------------
-
-
-class CompositeKernels:
-    """The per-piece kernels of the algorithm in PyTorch ops; the Triton backend overrides them."""
-
-    @staticmethod
-    def channel_stats(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Biased batch mean and variance per channel of v: (N, C, T, H, W) -> (C,), (C,) in float64."""
-        var, mean = torch.var_mean(v.double(), dim=(0, 2, 3, 4), unbiased=False)
-        return mean, var
-
-    @staticmethod
-    def bn_relu_conv1x1(
-        prefix: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w1: torch.Tensor
-    ) -> torch.Tensor:
-        """h = W1 @ relu(prefix * scale + shift). prefix: (N, C, T, H, W); w1: (B, C) -> h: (N, B, T, H, W)."""
-        z = torch.relu(prefix * scale.view(_VIEW) + shift.view(_VIEW))
-        return torch.einsum("bc,ncthw->nbthw", w1, z)
-
-    @staticmethod
-    def bn_relu(h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        return torch.relu(h * scale.view(_VIEW) + shift.view(_VIEW))
-
-    @staticmethod
-    def bn_relu_backward(grad_z, h, scale, shift, mean, invstd, training):
-        """BN-ReLU backward of one layer's BN2 in full: (dL/dh, grad gamma, grad beta)."""
-        gp = grad_z * ((h * scale.view(_VIEW) + shift.view(_VIEW)) > 0)
-        xhat = (h.double() - mean.view(_VIEW)) * invstd.view(_VIEW)
-        sum_g = gp.double().sum((0, 2, 3, 4))
-        sum_gx = (gp.double() * xhat).sum((0, 2, 3, 4))
-        grad_h = gp * scale.view(_VIEW)
-        if training:
-            alpha, beta = _affine_correction(scale, invstd, mean, sum_g, sum_gx, h.numel() // h.shape[1])
-            grad_h = grad_h + (alpha.view(_VIEW) + beta.view(_VIEW) * h.double()).to(h.dtype)
-        return grad_h, sum_gx.to(h.dtype), sum_g.to(h.dtype)
-
-    @staticmethod
-    def conv1x1_bn_relu_backward(grad_h, prefix, scale, shift, mean, invstd, w1, grad_prefix):
-        """Backward of h = W1 @ relu(prefix * scale + shift) up to BN's local term.
-
-        Adds scale * gp to ``grad_prefix`` (in place; gp = dL/d(pre-ReLU)) and returns (grad W1 (B, C),
-        sum gp (C,), sum gp * xhat (C,)), the sums in float64.
-        """
-        z = torch.relu(prefix * scale.view(_VIEW) + shift.view(_VIEW))
-        grad_w1 = torch.einsum("nbthw,ncthw->bc", grad_h, z)
-        gp = torch.einsum("bc,nbthw->ncthw", w1, grad_h) * (z > 0)
-        grad_prefix.add_(gp * scale.view(_VIEW))
-        xhat = (prefix.double() - mean.view(_VIEW)) * invstd.view(_VIEW)
-        return grad_w1, gp.double().sum((0, 2, 3, 4)), (gp.double() * xhat).sum((0, 2, 3, 4))
-
-    @staticmethod
-    def conv_same(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.conv3d(z, w, padding=_same_padding(w))
-
-    @staticmethod
-    def conv_same_backward(grad: torch.Tensor, z: torch.Tensor, w: torch.Tensor):
-        one = [1, 1, 1]
-        grad_z, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad, z, w, None, one, list(_same_padding(w)), one, False, [0, 0, 0], 1, [True, True, False]
-        )
-        return grad_z, grad_w
-
-
-def _affine_correction(scale, invstd, mean, sum_g, sum_gx, count):
-    """(alpha, beta) of the affine BN-backward correction dL/dx += alpha + beta * x (dense_block_math.h)."""
-    scale = scale.double()
-    alpha = scale * (invstd * mean * sum_gx - sum_g) / count
-    beta = -scale * invstd * sum_gx / count
-    return alpha, beta
-
-
-def _running(stats: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([s.detach().reshape(-1).double() for s in stats])
-
-
-def algorithm_forward(
-    kern,
-    x,
-    bn1_weight,
-    bn1_bias,
-    bn1_mean,
-    bn1_var,
-    conv1_weight,
-    bn2_weight,
-    bn2_bias,
-    bn2_mean,
-    bn2_var,
-    conv2_weight,
-    training,
-    eps,
-):
-    """The fused forward over ``kern``'s kernels; returns (y, mean1, var1, mean2, var2) as the op does."""
-    n, c0, t, h_, w_ = x.shape
-    cins = _layer_channels(c0, conv2_weight)
-    y = x.new_empty(n, dense_block_output_channels(c0, conv2_weight), t, h_, w_)
-    y[:, :c0] = x
-    if training:
-        chan_mean, chan_var = kern.channel_stats(y[:, :c0])
-        mean1, var1, mean2, var2 = [], [], [], []
-    else:
-        mean1, var1, mean2, var2 = _running(bn1_mean), _running(bn1_var), _running(bn2_mean), _running(bn2_var)
-    off1 = off2 = 0
-    for i, (cin, w1, w2) in enumerate(zip(cins, conv1_weight, conv2_weight, strict=True)):
-        bott, k = int(w1.shape[0]), int(w2.shape[0])
-        if training:
-            m1, v1 = chan_mean[:cin], chan_var[:cin]
-            mean1.append(m1)
-            var1.append(v1)
-        else:
-            m1, v1 = mean1[off1 : off1 + cin], var1[off1 : off1 + cin]
-        scale1, shift1, _ = _fold(bn1_weight[i], bn1_bias[i], m1, v1, eps)
-        h = kern.bn_relu_conv1x1(y[:, :cin], scale1, shift1, w1.reshape(bott, cin))
-        if training:
-            m2, v2 = kern.channel_stats(h)
-            mean2.append(m2)
-            var2.append(v2)
-        else:
-            m2, v2 = mean2[off2 : off2 + bott], var2[off2 : off2 + bott]
-        scale2, shift2, _ = _fold(bn2_weight[i], bn2_bias[i], m2, v2, eps)
-        y[:, cin : cin + k] = kern.conv_same(kern.bn_relu(h, scale2, shift2), w2)
-        if training:
-            new_mean, new_var = kern.channel_stats(y[:, cin : cin + k])
-            chan_mean = torch.cat([chan_mean, new_mean])
-            chan_var = torch.cat([chan_var, new_var])
-        off1, off2 = off1 + cin, off2 + bott
-    if training:
-        mean1, var1, mean2, var2 = torch.cat(mean1), torch.cat(var1), torch.cat(mean2), torch.cat(var2)
-    return y, mean1.to(x.dtype), var1.to(x.dtype), mean2.to(x.dtype), var2.to(x.dtype)
-
-
-def algorithm_backward(
-    kern,
-    grad_y,
-    y,
-    mean1,
-    var1,
-    mean2,
-    var2,
-    bn1_weight,
-    bn1_bias,
-    conv1_weight,
-    bn2_weight,
-    bn2_bias,
-    conv2_weight,
-    training,
-    eps,
-):
-    """The fused backward over ``kern``'s kernels; returns the grads as the op does."""
-    c0 = int(y.shape[1]) - sum(int(w.shape[0]) for w in conv2_weight)
-    cins = _layer_channels(c0, conv2_weight)
-    count = y.numel() // y.shape[1]
-    grad_buf = grad_y.clone(memory_format=torch.contiguous_format)
-    corr_a = torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
-    corr_b = torch.zeros_like(corr_a)
-    offs1 = [sum(cins[:i]) for i in range(len(cins))]
-    offs2 = [sum(int(w.shape[0]) for w in conv1_weight[:i]) for i in range(len(cins))]
-    n_layers = len(cins)
-    grads = [[None] * n_layers for _ in range(6)]
-    for i in reversed(range(n_layers)):
-        cin, w1, w2 = cins[i], conv1_weight[i], conv2_weight[i]
-        bott, k = int(w1.shape[0]), int(w2.shape[0])
-        sl = slice(cin, cin + k)
-        gout = grad_buf[:, sl] + (corr_a[sl].view(_VIEW) + corr_b[sl].view(_VIEW) * y[:, sl].double()).to(y.dtype)
-        m1, v1 = mean1[offs1[i] : offs1[i] + cin].double(), var1[offs1[i] : offs1[i] + cin].double()
-        m2, v2 = mean2[offs2[i] : offs2[i] + bott].double(), var2[offs2[i] : offs2[i] + bott].double()
-        scale1, shift1, invstd1 = _fold(bn1_weight[i], bn1_bias[i], m1, v1, eps)
-        scale2, shift2, invstd2 = _fold(bn2_weight[i], bn2_bias[i], m2, v2, eps)
-        w1m = w1.reshape(bott, cin)
-        prefix = y[:, :cin]
-        h = kern.bn_relu_conv1x1(prefix, scale1, shift1, w1m)
-        grad_z2, grads[5][i] = kern.conv_same_backward(gout.contiguous(), kern.bn_relu(h, scale2, shift2), w2)
-        grad_h, grads[3][i], grads[4][i] = kern.bn_relu_backward(grad_z2, h, scale2, shift2, m2, invstd2, training)
-        del h, grad_z2
-        grad_w1, sum_g, sum_gx = kern.conv1x1_bn_relu_backward(
-            grad_h, prefix, scale1, shift1, m1, invstd1, w1m, grad_buf[:, :cin]
-        )
-        grads[2][i] = grad_w1.reshape(w1.shape).to(w1.dtype)
-        grads[0][i], grads[1][i] = sum_gx.to(y.dtype), sum_g.to(y.dtype)
-        if training:
-            alpha, beta = _affine_correction(scale1, invstd1, m1, sum_g, sum_gx, count)
-            corr_a[:cin] += alpha
-            corr_b[:cin] += beta
-    grad_x = grad_buf[:, :c0] + (corr_a[:c0].view(_VIEW) + corr_b[:c0].view(_VIEW) * y[:, :c0].double()).to(y.dtype)
-    return (grad_x, *grads)
-
-
-# --------------------------------------------------------------------------------------------------------
-# backend table
-# --------------------------------------------------------------------------------------------------------
-
-
-def _composite_forward(*args):
-    return algorithm_forward(CompositeKernels, *args)
-
-
-def _composite_backward(*args):
-    return algorithm_backward(CompositeKernels, *args)
 
 
 def _compiled_forward(*args):
@@ -277,7 +44,7 @@ def _compiled_backward(*args):
 
 
 def _triton_forward(*args):
-    from ..triton import dense_block as triton_dense_block
+    from ..triton import dense_block as triton_dense_block  # lazily: a missing Triton never breaks the import
 
     return triton_dense_block.forward(*args)
 
@@ -288,18 +55,41 @@ def _triton_backward(*args):
     return triton_dense_block.backward(*args)
 
 
-_FORWARD = {
-    "composite": _composite_forward,
-    "cpu": _compiled_forward,
-    "cuda": _compiled_forward,
-    "triton": _triton_forward,
-}
-_BACKWARD = {
-    "composite": _composite_backward,
-    "cpu": _compiled_backward,
-    "cuda": _compiled_backward,
-    "triton": _triton_backward,
-}
+def _reference(x, layers, training, momentum, eps):
+    from .. import reference  # the reference backend: the ground truth, autograd by PyTorch
+
+    return reference.dense_block(x, layers, training, momentum, eps)
+
+
+# the C++/CUDA kernels take float32/float64; under "auto" other dtypes (fp16, bf16) run the same algorithm in torch
+# ops (composite)
+_FP = frozenset((torch.float32, torch.float64))
+_COMPILED = {"forward": _compiled_forward, "backward": _compiled_backward}
+
+declare(
+    "dense_block",
+    [
+        Backend("reference", impl={"direct": _reference}),
+        Backend(
+            "composite",
+            impl={"forward": composite_dense_block.forward, "backward": composite_dense_block.backward},
+        ),
+        Backend("cpu", ("cpu",), _FP, extension_reason("dense_block_forward"), impl=_COMPILED),
+        Backend("cuda", ("cuda",), _FP, extension_reason("dense_block_forward", cuda=True), impl=_COMPILED),
+        Backend(
+            "triton",
+            ("cuda", "cpu"),
+            # its kernels accumulate in float32: float64 would be a float64 result of float32 accuracy (fuzz suite)
+            frozenset((torch.float16, torch.bfloat16, torch.float32)),
+            built=triton_reason,
+            reasons=triton_reasons_on,
+            impl={"forward": _triton_forward, "backward": _triton_backward},
+        ),
+    ],
+    # from measurements (README "Performance"): the fused dense block's GPU kernels are still slower than the cuDNN
+    # block, so on CUDA it stays on the reference unless a fused backend is asked for (it saves memory)
+    auto={"cpu": ("cpu", "composite", "reference"), "cuda": ("reference",), "default": ("composite", "reference")},
+)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -324,7 +114,7 @@ def _dense_block_op(
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean1, var1, mean2, var2 = _FORWARD[backend](
+    y, mean1, var1, mean2, var2 = get("dense_block", backend).impl["forward"](
         x,
         bn1_weight,
         bn1_bias,
@@ -361,7 +151,7 @@ def _(
 ):
     n, c0, t, h, w = x.shape
     y = x.new_empty(n, dense_block_output_channels(c0, conv2_weight), t, h, w)
-    len1 = sum(_layer_channels(c0, conv2_weight))
+    len1 = sum(layer_channels(c0, conv2_weight))
     len2 = sum(int(w1.shape[0]) for w1 in conv1_weight)
     return y, x.new_empty(len1), x.new_empty(len1), x.new_empty(len2), x.new_empty(len2)
 
@@ -392,7 +182,7 @@ def _dense_block_backward_op(
     list[torch.Tensor],
     list[torch.Tensor],
 ]:
-    grads = _BACKWARD[backend](
+    grads = get("dense_block", backend).impl["backward"](
         grad_y.contiguous(),
         y,
         mean1,
@@ -519,20 +309,10 @@ def dense_block(
     """
     _check_args(x, layers)
     check_shape_for_mode(x, training)
-    name = resolve("dense_block", backend, x.device)
-    if backend == "auto" and name in ("cpu", "cuda") and x.dtype not in (torch.float32, torch.float64):
-        # the C++/CUDA kernels take float32/float64; other dtypes (fp16, bf16) run the same algorithm in torch ops
-        name = "composite"
-    if name == "triton" and x.dtype == torch.float64:
-        # its kernels accumulate in float32: a float64 result of float32 accuracy would be a silent loss
-        raise TypeError(
-            "x: the triton backend of dense_block computes in float32 (float16, bfloat16), got float64; "
-            "use backend='composite' or 'cpu' for float64"
-        )
-    if name == "reference":
-        from .. import reference
-
-        return reference.dense_block(x, layers, training, momentum, eps)
+    name = resolve("dense_block", backend, x.device, x.dtype)
+    direct = get("dense_block", name).impl.get("direct")
+    if direct is not None:
+        return direct(x, layers, training, momentum, eps)
     norm1 = [list(layer[0]) for layer in layers]
     norm2 = [list(layer[2]) for layer in layers]
     conv1 = [layer[1] for layer in layers]
@@ -559,14 +339,11 @@ def dense_block(
 
 
 def _update_running_stats(x, norm1, norm2, mean1, var1, mean2, var2, momentum) -> None:
-    """running = (1 - momentum) * running + momentum * batch (unbiased var), as ATen's batch_norm writes it."""
+    """Every BN's running statistics from the concatenated batch statistics the op returns."""
     count = x.numel() // x.shape[1]
-    unbias = count / max(count - 1, 1)
-    with torch.no_grad():
-        for norms, mean, var in ((norm1, mean1, var1), (norm2, mean2, var2)):
-            off = 0
-            for _, _, running_mean, running_var in norms:
-                c = running_mean.numel()
-                running_mean.mul_(1 - momentum).add_(mean[off : off + c], alpha=momentum)
-                running_var.mul_(1 - momentum).add_(var[off : off + c] * unbias, alpha=momentum)
-                off += c
+    for norms, mean, var in ((norm1, mean1, var1), (norm2, mean2, var2)):
+        off = 0
+        for _, _, running_mean, running_var in norms:
+            c = running_mean.numel()
+            bn.update_running_stats(running_mean, running_var, mean[off : off + c], var[off : off + c], count, momentum)
+            off += c

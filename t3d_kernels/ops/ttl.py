@@ -13,132 +13,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import _ext
-from ..backends import resolve
-from ..reference import temporal_padding
+from ..backends import ANY_FLOAT, Backend, declare, extension_reason, get, resolve, triton_reason, triton_reasons_on
+from ..composite import bn
+from ..composite import ttl as composite_ttl
+from ..geometry import ttl_output_shape
 from ._checks import check_shape_for_mode, check_ttl_args
 
 __all__ = ["ttl", "ttl_output_shape"]
 
 
-def ttl_output_shape(x_shape: Sequence[int], weights: Sequence[torch.Tensor], pool: bool) -> list[int]:
-    n, _, t, h, w = x_shape
-    c_out = sum(int(wt.shape[0]) for wt in weights)
-    return [n, c_out, t // 2, h // 2, w // 2] if pool else [n, c_out, t, h, w]
-
-
 # --------------------------------------------------------------------------------------------------------
-# "composite" backend: the fused algorithm in PyTorch ops (any device). It is also the executable
-# specification of the backward algebra that the C++/CUDA/Triton kernels implement.
-# --------------------------------------------------------------------------------------------------------
-
-
-def _geometry(weights: Sequence[torch.Tensor]):
-    pads = [temporal_padding(int(w.shape[2])) for w in weights]
-    front = max(p[0] for p in pads)
-    back = max(p[1] for p in pads)
-    sh = max(int(w.shape[3]) // 2 for w in weights)
-    sw = max(int(w.shape[4]) // 2 for w in weights)
-    return pads, front, back, sh, sw
-
-
-def _bn_relu_folded(x, scale, shift):
-    view = (1, -1, 1, 1, 1)
-    return torch.relu(x * scale.view(view) + shift.view(view))
-
-
-def _padded_input(x, scale, shift, weights, pool):
-    """box(zero-padded relu(bn(x))) when pooling, else the zero-padded z; and where each branch starts."""
-    pads, front, back, sh, sw = _geometry(weights)
-    z = _bn_relu_folded(x, scale, shift)
-    extra = 1 if pool else 0
-    zp = F.pad(z, (sw, sw + extra, sh, sh + extra, front, back + extra))
-    src = F.avg_pool3d(zp, 2, stride=1) if pool else zp
-    t_out, h_out, w_out = ttl_output_shape(x.shape, weights, pool)[2:]
-    stride = 2 if pool else 1
-    views = []
-    for w, (f, _) in zip(weights, pads):
-        depth, kh, kw = w.shape[2:]
-        t0, h0, w0 = front - f, sh - kh // 2, sw - kw // 2
-        views.append(
-            (
-                t0,
-                h0,
-                w0,
-                t0 + stride * (t_out - 1) + depth,
-                h0 + stride * (h_out - 1) + kh,
-                w0 + stride * (w_out - 1) + kw,
-            )
-        )
-    return z, src, views, stride, (front, back, sh, sw)
-
-
-def _fold_bn(weight, bias, mean, var, eps):
-    invstd = torch.rsqrt(var + eps)
-    scale = weight * invstd
-    return scale, bias - mean * scale, invstd
-
-
-def _batch_stats(x, training, running_mean, running_var, backend):
-    if training:
-        if backend == "cpu":  # one vectorized pass (torch.var_mean over dims (0, 2, 3, 4) is several times slower)
-            return _ext.load().batch_stats(x)
-        var, mean = torch.var_mean(x, dim=(0, 2, 3, 4), unbiased=False)
-        return mean, var
-    return running_mean.clone(), running_var.clone()
-
-
-def _composite_forward(x, bn_weight, bn_bias, mean, var, weights, pool, eps):
-    scale, shift, _ = _fold_bn(bn_weight, bn_bias, mean, var, eps)
-    _, src, views, stride, _ = _padded_input(x, scale, shift, weights, pool)
-    outs = [
-        F.conv3d(src[:, :, t0:t1, h0:h1, w0:w1], w, stride=stride)
-        for w, (t0, h0, w0, t1, h1, w1) in zip(weights, views)
-    ]
-    return torch.cat(outs, 1)
-
-
-def _composite_backward(grad_y, x, bn_weight, bn_bias, mean, var, weights, pool, training, eps):
-    scale, shift, invstd = _fold_bn(bn_weight, bn_bias, mean, var, eps)
-    z, src, views, stride, (front, _, sh, sw) = _padded_input(x, scale, shift, weights, pool)
-    grad_src = torch.zeros_like(src)
-    grad_weights = []
-    c0 = 0
-    for w, (t0, h0, w0, t1, h1, w1) in zip(weights, views):
-        gy = grad_y[:, c0 : c0 + w.shape[0]]
-        c0 += w.shape[0]
-        view = src[:, :, t0:t1, h0:h1, w0:w1]
-        # stride-2 weight-gradient conv and stride-2 transposed conv over the shared box-filtered tensor
-        grad_weights.append(torch.nn.grad.conv3d_weight(view, w.shape, gy, stride=stride))
-        grad_src[:, :, t0:t1, h0:h1, w0:w1] += torch.nn.grad.conv3d_input(view.shape, w, gy, stride=stride)
-    if pool:
-        # adjoint of the forward 2-window mean: the backward 2-window mean
-        grad_src = F.avg_pool3d(F.pad(grad_src, (1, 1, 1, 1, 1, 1)), 2, stride=1)
-    t, h, w_ = x.shape[2:]
-    grad_z = grad_src[:, :, front : front + t, sh : sh + h, sw : sw + w_]
-    grad_pre = grad_z * (z > 0)
-    grad_x, grad_bn_weight, grad_bn_bias = _bn_backward(grad_pre, x, bn_weight, mean, invstd, training)
-    return grad_x, grad_bn_weight, grad_bn_bias, grad_weights
-
-
-def _bn_backward(grad_pre, x, bn_weight, mean, invstd, training):
-    view = (1, -1, 1, 1, 1)
-    xhat = (x - mean.view(view)) * invstd.view(view)
-    grad_bias = grad_pre.sum((0, 2, 3, 4))
-    grad_weight = (grad_pre * xhat).sum((0, 2, 3, 4))
-    scale = (bn_weight * invstd).view(view)
-    if training:
-        count = x.numel() // x.shape[1]
-        grad_x = scale * (grad_pre - (grad_bias / count).view(view) - xhat * (grad_weight / count).view(view))
-    else:
-        grad_x = grad_pre * scale
-    return grad_x, grad_weight, grad_bias
-
-
-# --------------------------------------------------------------------------------------------------------
-# backend table
+# backends: what each runs ("forward"/"backward" behind the custom op, "stats" the batch statistics, "direct" the
+# whole public function with PyTorch's autograd) and where
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -151,8 +39,18 @@ def _compiled_backward(grad_y, x, bn_weight, bn_bias, mean, var, weights, pool, 
     return _ext.load().ttl_backward(grad_y, x, bn_weight, bn_bias, mean, var, list(weights), pool, training, eps)
 
 
+def _compiled_stats(x):
+    # one vectorized pass (torch.var_mean over dims (0, 2, 3, 4) is several times slower)
+    return _ext.load().batch_stats(x)
+
+
+def _composite_stats(x):
+    mean, var = bn.channel_stats(x)
+    return mean.to(x.dtype), var.to(x.dtype)
+
+
 def _triton_forward(*args):
-    from ..triton import ttl as triton_ttl
+    from ..triton import ttl as triton_ttl  # lazily: a missing Triton never breaks ``import t3d_kernels``
 
     return triton_ttl.forward(*args)
 
@@ -163,18 +61,52 @@ def _triton_backward(*args):
     return triton_ttl.backward(*args)
 
 
-_FORWARD = {
-    "composite": _composite_forward,
-    "cpu": _compiled_forward,
-    "cuda": _compiled_forward,
-    "triton": _triton_forward,
-}
-_BACKWARD = {
-    "composite": _composite_backward,
-    "cpu": _compiled_backward,
-    "cuda": _compiled_backward,
-    "triton": _triton_backward,
-}
+def _reference(x, bn_weight, bn_bias, running_mean, running_var, weights, training, momentum, eps, pool):
+    from .. import reference  # the reference backend: the ground truth, autograd by PyTorch
+
+    return reference.ttl(x, bn_weight, bn_bias, running_mean, running_var, weights, training, momentum, eps, pool)
+
+
+_FP = frozenset((torch.float32, torch.float64))
+_COMPOSITE = {"forward": composite_ttl.forward, "backward": composite_ttl.backward, "stats": _composite_stats}
+_COMPILED = {"forward": _compiled_forward, "backward": _compiled_backward, "stats": _composite_stats}
+
+declare(
+    "ttl",
+    [
+        Backend("reference", impl={"direct": _reference}),
+        Backend("composite", impl=_COMPOSITE),
+        Backend(
+            "cpu",
+            ("cpu",),
+            _FP,
+            extension_reason("ttl_forward"),
+            impl={**_COMPILED, "stats": _compiled_stats},
+        ),
+        Backend("cuda", ("cuda",), ANY_FLOAT, extension_reason("ttl_forward", cuda=True), impl=_COMPILED),
+        Backend(
+            "triton",
+            ("cuda", "cpu"),
+            ANY_FLOAT,
+            triton_reason,
+            triton_reasons_on,
+            {"forward": _triton_forward, "backward": _triton_backward, "stats": _composite_stats},
+        ),
+    ],
+    # from measurements (README "Performance"): on an H100 the Triton TTL beats cuDNN on every shape
+    auto={
+        "cpu": ("cpu", "composite", "reference"),
+        "cuda": ("triton", "cuda", "composite", "reference"),
+        "default": ("composite", "reference"),
+    },
+    autocast={"cpu": (torch.bfloat16,), "cuda": (torch.float16, torch.bfloat16)},
+)
+
+
+def _batch_stats(x, training, running_mean, running_var, backend):
+    if training:
+        return get("ttl", backend).impl["stats"](x)
+    return running_mean.clone(), running_var.clone()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -196,7 +128,7 @@ def _ttl_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mean, var = _batch_stats(x, training, running_mean, running_var, backend)
-    y = _FORWARD[backend](x, bn_weight, bn_bias, mean, var, weights, pool, eps)
+    y = get("ttl", backend).impl["forward"](x, bn_weight, bn_bias, mean, var, weights, pool, eps)
     return y, mean, var
 
 
@@ -221,7 +153,7 @@ def _ttl_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     grad_y = grad_y.contiguous()
-    grad_x, grad_bn_weight, grad_bn_bias, grad_weights = _BACKWARD[backend](
+    grad_x, grad_bn_weight, grad_bn_bias, grad_weights = get("ttl", backend).impl["backward"](
         grad_y, x, bn_weight, bn_bias, mean, var, weights, pool, training, eps
     )
     return grad_x, grad_bn_weight, grad_bn_bias, list(grad_weights)
@@ -260,7 +192,8 @@ _ttl_op.register_autograd(_backward, setup_context=_setup_context)
 def _autocast_rule(device_type: str):
     """Autocast for ``t3d::ttl``. On CUDA the op runs in the autocast dtype (x, weights and the BN vectors alike: the
     kernels take one dtype), as autocast does for convolutions; the gradients of float32 parameters come back in
-    float32 through the casts. On CPU it computes in float32 (the cpu kernels are float32/float64 only)."""
+    float32 through the casts. On CPU, and for a backend that does not declare the autocast dtype, it computes in
+    the dtype of x."""
 
     def rule(x, bn_weight, bn_bias, running_mean, running_var, weights, pool, training, eps, backend):
         dtype = torch.get_autocast_dtype(device_type)
@@ -268,7 +201,7 @@ def _autocast_rule(device_type: str):
             torch._C.DispatchKey.AutocastCUDA if device_type == "cuda" else torch._C.DispatchKey.AutocastCPU
         )
         with torch._C._ExcludeDispatchKeyGuard(keys):
-            if device_type != "cuda" or backend == "cpu" or not x.is_floating_point():
+            if device_type != "cuda" or dtype not in get("ttl", backend).dtypes or not x.is_floating_point():
                 return torch.ops.t3d.ttl(
                     x, bn_weight, bn_bias, running_mean, running_var, weights, pool, training, eps, backend
                 )
@@ -318,18 +251,13 @@ def ttl(
     """
     check_ttl_args(x, bn_weight, bn_bias, running_mean, running_var, weights)
     check_shape_for_mode(x, training, pool)
-    name = resolve("ttl", backend, x.device)
-    if name == "reference":
-        from .. import reference
-
-        return reference.ttl(x, bn_weight, bn_bias, running_mean, running_var, weights, training, momentum, eps, pool)
+    name = resolve("ttl", backend, x.device, x.dtype)
+    direct = get("ttl", name).impl.get("direct")
+    if direct is not None:
+        return direct(x, bn_weight, bn_bias, running_mean, running_var, weights, training, momentum, eps, pool)
     y, mean, var = torch.ops.t3d.ttl(
         x, bn_weight, bn_bias, running_mean, running_var, list(weights), pool, training, eps, name
     )
     if training:
-        with torch.no_grad():
-            count = x.numel() // x.shape[1]
-            # under autocast the statistics come back in the compute dtype; the buffers keep theirs
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(var.to(running_var.dtype) * (count / max(count - 1, 1)), momentum)
+        bn.update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return y

@@ -1,5 +1,6 @@
-"""Triton kernels of the fused dense block (DESIGN.md 2.2); the orchestration is the op's own algorithm
-(:func:`t3d_kernels.ops.dense_block.algorithm_forward` / ``algorithm_backward``) with these kernels plugged in.
+"""Triton kernels of the fused dense block (docs/design.md, "Dense block"); the orchestration is the composite
+algorithm (:func:`t3d_kernels.composite.dense_block.algorithm_forward` / ``algorithm_backward``) with these kernels
+plugged in.
 
 - ``_channel_stats_kernel``: batch mean and M2 of a channel (two passes over the channel in the program), once per
   channel when it is written (buffer channels) or per layer (bottleneck).
@@ -22,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.dense_block import CompositeKernels, algorithm_backward, algorithm_forward
+from ..composite.bn import affine_correction
+from ..composite.dense_block import CompositeKernels, algorithm_backward, algorithm_forward
 
 __all__ = ["forward", "backward", "TritonKernels"]
 
@@ -319,8 +321,6 @@ class TritonKernels(CompositeKernels):
 
     @staticmethod
     def bn_relu_backward(grad_z, h, scale, shift, mean, invstd, training):
-        from ..ops.dense_block import _affine_correction
-
         grad_z = grad_z.contiguous()
         n, c = h.shape[:2]
         p = h.numel() // (n * c)
@@ -334,7 +334,7 @@ class TritonKernels(CompositeKernels):
         sum_g = sums[:, 0]
         sum_gx = sums[:, 1] * invstd
         if training:
-            alpha, beta = _affine_correction(scale, invstd, mean, sum_g, sum_gx, n * p)
+            alpha, beta = affine_correction(scale, invstd, mean, sum_g, sum_gx, n * p)
         else:
             alpha = beta = torch.zeros_like(sum_g)
         out = torch.empty_like(h)
@@ -408,7 +408,7 @@ class TritonKernels(CompositeKernels):
 
 
 def forward(*args):
-    """Same arguments and results as the op's forward (see ``t3d_kernels.ops.dense_block``)."""
+    """Same arguments and results as the composite forward (:mod:`t3d_kernels.composite.dense_block`)."""
     return algorithm_forward(TritonKernels, *args)
 
 

@@ -1,4 +1,5 @@
-"""Triton kernels of the fused TTL (DESIGN.md 2.1): pool first through a box filter, then stride-2 implicit GEMMs.
+"""Triton kernels of the fused TTL (docs/design.md, "The pool-first algebra"): pool first through a box filter,
+then stride-2 implicit GEMMs.
 
 Forward, with z = relu(bn(x)) and zp its zero padding (temporal front/back of the deepest branch, spatial by
 the largest kh/2, kw/2):
@@ -34,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import temporal_padding
+from ..geometry import ttl_padding
 
 __all__ = ["forward", "backward"]
 
@@ -352,11 +353,8 @@ class _Geometry:
 
     def __init__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], pool: bool):
         self.N, self.C, self.T, self.H, self.W = (int(s) for s in x.shape)
-        pads = [temporal_padding(int(w.shape[2])) for w in weights]
-        self.front = max(p[0] for p in pads)
-        self.back = max(p[1] for p in pads)
-        self.ph = max(int(w.shape[3]) // 2 for w in weights)
-        self.pw = max(int(w.shape[4]) // 2 for w in weights)
+        pad = ttl_padding(weights)
+        self.front, self.back, self.ph, self.pw = pad.front, pad.back, pad.h, pad.w
         self.Ts, self.Hs, self.Ws = self.T + self.front + self.back, self.H + 2 * self.ph, self.W + 2 * self.pw
         self.pool = pool
         self.stride = 2 if pool else 1
@@ -365,7 +363,7 @@ class _Geometry:
         self.c_total = sum(int(w.shape[0]) for w in weights)
         self.branches = []
         c_off = 0
-        for w, (f, _) in zip(weights, pads, strict=False):
+        for w, (f, _) in zip(weights, pad.branches, strict=False):
             c_br, _, d, kh, kw = (int(s) for s in w.shape)
             origin = (self.front - f, self.ph - kh // 2, self.pw - kw // 2)
             self.branches.append((c_off, c_br, d, kh, kw, origin))
