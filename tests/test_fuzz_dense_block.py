@@ -56,8 +56,10 @@ def dense_configs(draw, tiny: bool = False) -> DenseConfig:
     h = draw(st.integers(1, max(1, min(max_side, positions // (n * t)))))
     w = draw(st.integers(1, max(1, min(max_side, positions // (n * t * h)))))
     training = draw(st.booleans())
-    if training and n * t * h * w == 1:  # batch norm needs two values per channel
-        w = 2
+    if training and n * t * h * w < 4:
+        # a batch norm over 2-3 values is ill-conditioned: a small spread of the values is amplified up to
+        # 1/sqrt(eps) = 316x, beyond any multiple of PyTorch's own (then often lucky) error (found: (1, 14, 1, 1, 2))
+        w = max(w, -(-4 // (n * t * h)))
     return DenseConfig(
         shape=(n, c0, t, h, w),
         layers=layers,
