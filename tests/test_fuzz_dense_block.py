@@ -78,7 +78,7 @@ def check(config: DenseConfig, backend: str, device: str) -> None:
         config.shape, config.layers, config.growth, config.bn_size, layout=config.layout, training=config.training,
         seed=config.seed,
     )  # fmt: skip
-    # the triton dense block computes in float32 (float64 is a clear error: tests/test_dense_block.py)
+    # the triton dense block computes float64 inputs in float32 (tests/test_dense_block.py): fuzzed in float32
     dtype = torch.float32 if backend == "triton" else config.dtype
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads if backend == "cpu" else threads)

@@ -79,8 +79,6 @@ declare(
         Backend(
             "triton",
             ("cuda", "cpu"),
-            # its kernels accumulate in float32: float64 would be a float64 result of float32 accuracy (fuzz suite)
-            frozenset((torch.float16, torch.bfloat16, torch.float32)),
             built=triton_reason,
             reasons=triton_reasons_on,
             impl={"forward": _triton_forward, "backward": _triton_backward},
