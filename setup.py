@@ -39,7 +39,10 @@ def extensions():
 
 
 setup(
-    packages=find_packages(include=["t3d_kernels*", "t3d*", "benchmarks*"]),
+    # benchmarks/ stays where a checkout has it (``python -m benchmarks``) but installs under the project's own
+    # name: a top-level ``benchmarks`` package would collide with any other project's
+    packages=find_packages(include=["t3d_kernels", "t3d_kernels.*", "t3d", "t3d.*"]) + ["t3d_benchmarks"],
+    package_dir={"t3d_benchmarks": "benchmarks"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from benchmarks.harness import BenchConfig, Case, Contender, Skip, compiled, fused_backends, parse_ints
+from .harness import BenchConfig, Case, Contender, Skip, compiled, fused_backends, parse_ints
 
 OP = "dense_block"
 GROWTH, BN_SIZE = 32, 4
@@ -49,49 +49,22 @@ def dense_block_flops(shape: tuple[int, ...], layers: int, growth: int = GROWTH,
     return sum(2.0 * p * (b * (c0 + i * growth) + growth * b * 27) for i in range(layers))
 
 
-def make_inputs(shape, layers, device, dtype, seed=0, growth=GROWTH, bn_size=BN_SIZE):
-    """(x, layers) for :func:`t3d_kernels.reference.dense_block`, the x and parameters requiring grad."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    n, c0, t, h, w = shape
+def make_inputs(shape, layers, cfg: BenchConfig) -> tuple[torch.Tensor, list, list[torch.Tensor]]:
+    """(x, layers, tensors requiring grad) of the block (growth 32, bn_size 4), from the op's one input builder
+    (:func:`t3d_kernels.testing.dense_block_input`: the tests' inputs too)."""
+    from t3d_kernels.testing import dense_block_input
 
-    def rand(*size, scale=1.0, shift=0.0):
-        return (torch.randn(size, generator=gen) * scale + shift).to(device, dtype)
-
-    # a non-negative input with a non-zero mean, as after the stem's / a TTL's ReLU
-    x = rand(n, c0, t, h, w).relu_().requires_grad_()
-    spec = []
-    c = c0
-    b = bn_size * growth
-    for _ in range(layers):
-        norm1 = [
-            rand(c, scale=0.1, shift=1.0).requires_grad_(),
-            rand(c, scale=0.1).requires_grad_(),
-            rand(c, scale=0.1),
-            (torch.rand(c, generator=gen) + 0.5).to(device, dtype),
-        ]
-        norm2 = [
-            rand(b, scale=0.1, shift=1.0).requires_grad_(),
-            rand(b, scale=0.1).requires_grad_(),
-            rand(b, scale=0.1),
-            (torch.rand(b, generator=gen) + 0.5).to(device, dtype),
-        ]
-        w1 = rand(b, c, 1, 1, 1, scale=(2.0 / c) ** 0.5).requires_grad_()
-        w2 = rand(growth, b, 3, 3, 3, scale=(2.0 / (27 * b)) ** 0.5).requires_grad_()
-        spec.append((norm1, w1, norm2, w2))
-        c += growth
-    return x, spec
-
-
-def grad_tensors(x, spec) -> list[torch.Tensor]:
-    return [x] + [t for norm1, w1, norm2, w2 in spec for t in (norm1[0], norm1[1], w1, norm2[0], norm2[1], w2)]
+    device, dtype = cfg.torch_device, cfg.torch_dtype
+    sample = dense_block_input(shape, layers, GROWTH, BN_SIZE, device=device, dtype=dtype, seed=cfg.seed)
+    x, spec = sample.args
+    return x, spec, list(sample.differentiable.values())
 
 
 def _contenders(shape, layers, cfg: BenchConfig) -> list[Contender]:
     from t3d_kernels import reference
     from t3d_kernels.ops.dense_block import dense_block
 
-    x, spec = make_inputs(shape, layers, cfg.torch_device, cfg.torch_dtype, cfg.seed)
-    grads = grad_tensors(x, spec)
+    x, spec, grads = make_inputs(shape, layers, cfg)
 
     def eager(training: bool) -> torch.Tensor:
         return reference.dense_block(x, spec, training=training)
@@ -141,74 +114,9 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
     return result
 
 
-def _naive_step(block, x, spec, training: bool) -> torch.Tensor:
-    return block(x, spec, training=training)
+if __name__ == "__main__":  # `python -m benchmarks.bench_dense_block [t3d-bench options]`: the dense-block rows
+    import sys
 
+    from .cli import main
 
-def _fused_step(block, x, spec, backend: str, training: bool) -> torch.Tensor:
-    return block(x, spec, training=training, backend=backend)
-
-
-def quick_compare(batches=(1, 4), repeats: int = 3, threads: int = 2, backend: str = "cpu") -> list[dict]:
-    """Fused vs naive training step (forward in training mode + backward) on the T3D-121 blocks, the two run
-    interleaved in one process (so both see the same machine state); medians, their ratio, saved MB each.
-
-    ``python -m benchmarks.bench_dense_block [--threads 2] [--repeats 3]``; the full table (forward, backward,
-    train, torch.compile, peak memory) is ``python -m benchmarks --ops dense_block``.
-    """
-    import statistics
-    import time
-
-    from benchmarks.harness import saved_tensor_bytes
-    from t3d_kernels import reference
-    from t3d_kernels.ops.dense_block import dense_block
-
-    torch.set_num_threads(threads)
-    rows = []
-    for n in batches:
-        for name, (c0, t, h, w), layers in T3D121_BLOCKS:
-            x, spec = make_inputs((n, c0, t, h, w), layers, "cpu", torch.float32)
-            params = grad_tensors(x, spec)
-            fns = {
-                "naive": functools.partial(_naive_step, reference.dense_block, x, spec),
-                "fused": functools.partial(_fused_step, dense_block, x, spec, backend),
-            }
-            times = {k: [] for k in fns}
-            for i in range(repeats + 1):
-                for k, fn in fns.items():
-                    t0 = time.perf_counter()
-                    y = fn(True)
-                    torch.autograd.grad(y, params, torch.ones_like(y))
-                    if i:  # the first round warms up (oneDNN primitives, allocations)
-                        times[k].append(time.perf_counter() - t0)
-            saved = {k: saved_tensor_bytes(lambda fn=fn: fn(True), exclude=params) / 2**20 for k, fn in fns.items()}
-            ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-            row = dict(
-                block=f"{name} b{n}",
-                naive_ms=ms["naive"],
-                fused_ms=ms["fused"],
-                time_ratio=ms["fused"] / ms["naive"],
-                naive_saved_mb=saved["naive"],
-                fused_saved_mb=saved["fused"],
-                memory_ratio=saved["naive"] / saved["fused"],
-            )
-            print(
-                f"{row['block']}: train step naive {row['naive_ms']:.1f} ms, fused {row['fused_ms']:.1f} ms "
-                f"(fused/naive {row['time_ratio']:.2f}); saved for backward naive {row['naive_saved_mb']:.1f} MB, "
-                f"fused {row['fused_saved_mb']:.1f} MB ({row['memory_ratio']:.1f}x less)",
-                flush=True,
-            )
-            rows.append(row)
-    return rows
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=quick_compare.__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batches", default="1,4")
-    parser.add_argument("--backend", default="cpu")
-    args = parser.parse_args()
-    quick_compare(parse_ints(args.batches, "--batches"), args.repeats, args.threads, args.backend)
+    sys.exit(main(["--ops", "dense_block", *sys.argv[1:]]))

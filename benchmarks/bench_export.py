@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from benchmarks.harness import BenchConfig, Case, Contender, Skip
+from .harness import BenchConfig, Case, Contender, Skip
 
 OP = "export"
 ARCHS = {"121": "t3d_densenet121", "169": "t3d_densenet169", "tiny": "t3d_tiny"}
@@ -64,7 +64,7 @@ def _contenders(arch: str, clip: tuple[int, int, int, int], cfg: BenchConfig) ->
 
 
 def parse_spec(spec: str) -> tuple[str, tuple[int, int, int, int]]:
-    from benchmarks.bench_model import parse_spec as model_spec
+    from .bench_model import parse_spec as model_spec
 
     try:
         return model_spec(spec)
@@ -86,7 +86,7 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
         ) from None
     if cfg.device != "cpu":
         raise Skip(f"onnxruntime runs on the CPU execution provider here, got --device {cfg.device}")
-    from benchmarks.bench_model import model_flops
+    from .bench_model import model_flops
 
     shapes = (
         [parse_spec(s) for s in specs] if specs else [("121", (1, 32, 224, 224) if cfg.paper else (1, 32, 112, 112))]

@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from benchmarks.harness import BenchConfig, Case, Contender, Skip, compiled, fused_backends, parse_ints
+from .harness import BenchConfig, Case, Contender, Skip, compiled, fused_backends, parse_ints
 
 OP = "ttl"
 
@@ -54,35 +54,21 @@ def ttl_flops(shape: tuple[int, ...], depths: tuple[int, ...], out: int, kernel:
     return total
 
 
-def _inputs(shape, depths, out, device, dtype, seed):
+def _inputs(shape, depths, out, cfg: BenchConfig):
+    """(x, bn_weight, bn_bias, running_mean, running_var, weights) of the TTL, from the op's one input builder
+    (:func:`t3d_kernels.testing.ttl_input`: the tests' inputs too); x and the parameters require grad."""
     from t3d_kernels.nn import split_channels
+    from t3d_kernels.testing import ttl_input
 
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    n, c, t, h, w = shape
-
-    def rand(*size, scale=1.0, shift=0.0):
-        return (torch.randn(size, generator=gen) * scale + shift).to(device, dtype)
-
-    x = rand(n, c, t, h, w).requires_grad_()
-    bn_weight = rand(c, scale=0.1, shift=1.0).requires_grad_()
-    bn_bias = rand(c, scale=0.1).requires_grad_()
-    running_mean = rand(c, scale=0.1)
-    running_var = (torch.rand(c, generator=gen) + 0.5).to(device, dtype)
-    weights = []
-    for c_out, d in zip(split_channels(out, len(depths)), depths, strict=True):
-        k = 1 if d == 1 else 3
-        fan_in = c * d * k * k
-        weights.append(rand(c_out, c, d, k, k, scale=(2.0 / fan_in) ** 0.5).requires_grad_())
-    return x, bn_weight, bn_bias, running_mean, running_var, weights
+    branches = [(c, d, 1 if d == 1 else 3) for c, d in zip(split_channels(out, len(depths)), depths, strict=True)]
+    return ttl_input(shape, branches, device=cfg.torch_device, dtype=cfg.torch_dtype, seed=cfg.seed).args
 
 
 def _contenders(shape, depths, out, cfg: BenchConfig) -> list[Contender]:
     import t3d_kernels
     from t3d_kernels import reference
 
-    x, bn_weight, bn_bias, running_mean, running_var, weights = _inputs(
-        shape, depths, out, cfg.torch_device, cfg.torch_dtype, cfg.seed
-    )
+    x, bn_weight, bn_bias, running_mean, running_var, weights = _inputs(shape, depths, out, cfg)
     grads = [x, bn_weight, bn_bias, *weights]
     args = (x, bn_weight, bn_bias, running_mean, running_var, weights)
 
@@ -144,9 +130,9 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
     return result
 
 
-if __name__ == "__main__":  # `python benchmarks/bench_ttl.py [t3d-bench options]`: the TTL rows of the suite
+if __name__ == "__main__":  # `python -m benchmarks.bench_ttl [t3d-bench options]`: the TTL rows of the suite
     import sys
 
-    from benchmarks.__main__ import main
+    from .cli import main
 
     sys.exit(main(["--ops", "ttl", *sys.argv[1:]]))

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks.harness import PASSES, BenchConfig, Skip
+from .harness import PASSES, BenchConfig, Skip
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -53,7 +53,7 @@ def _config(config: pytest.Config) -> BenchConfig:
 
 def _collect(config: pytest.Config) -> list[Any]:
     """pytest params (case, pass, contender name), baseline first within each case and pass."""
-    from benchmarks.__main__ import OP_MODULES, shapes_by_op
+    from .cli import OP_MODULES, shapes_by_op
 
     cfg = _config(config)
     specs = shapes_by_op(config.getoption("--t3d-shape"))
@@ -61,7 +61,7 @@ def _collect(config: pytest.Config) -> list[Any]:
     params = []
     for op in ops:
         try:
-            cases = importlib.import_module(OP_MODULES[op]).cases(cfg, specs.get(op))
+            cases = importlib.import_module(OP_MODULES[op], __package__).cases(cfg, specs.get(op))
         except (ModuleNotFoundError, Skip) as exc:
             params.append(pytest.param(None, None, None, id=f"{op}-skipped", marks=pytest.mark.skip(reason=str(exc))))
             continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import PASS_FLOP_FACTOR, pass_runner
+from .harness import PASS_FLOP_FACTOR, pass_runner
 
 
 def test_bench(benchmark, t3d_case, t3d_pass, t3d_contender, t3d_cache, t3d_config) -> None:

@@ -66,7 +66,7 @@ def _require_eval(training: bool, what: str) -> None:
         raise ValueError(f"{what}: the ONNX export is for inference; expected the model in eval mode, got training")
 
 
-def _ttl_onnx(x, bn_weight, bn_bias, running_mean, running_var, weights, pool, training, eps, backend):
+def _ttl_onnx(x, bn_weight, bn_bias, running_mean, running_var, weights, pool, training, eps, backend, group=""):
     """t3d::ttl -> BN scale/shift, ReLU, Pad, AveragePool(2, stride 1), a stride-2 Conv per branch, Concat."""
     from onnxscript import opset18 as op
 
@@ -98,7 +98,7 @@ def _ttl_onnx(x, bn_weight, bn_bias, running_mean, running_var, weights, pool, t
 
 def _dense_block_onnx(
     x, bn1_weight, bn1_bias, bn1_mean, bn1_var, conv1_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var, conv2_weight,
-    training, eps, backend,
+    training, eps, backend, group="",
 ):  # fmt: skip
     """t3d::dense_block -> per layer: scale/shift, ReLU, Conv 1x1x1, scale/shift, ReLU, Conv 3x3x3 (same), Concat."""
     from onnxscript import opset18 as op

@@ -3,13 +3,14 @@
 Ops: :func:`ttl` (multi-depth temporal convolution of the Temporal Transition Layer) and :func:`dense_block`
 (concat-free DenseNet-3D block with shared batch statistics). Modules: :class:`TemporalTransition`,
 :class:`DenseLayer3d`, :class:`DenseBlock3d`; :func:`fuse` switches a model's modules to the fused backends;
-:func:`autocast_support` says whether a model's fused ops run under autocast. :mod:`t3d_kernels.reference` holds the
+:func:`autocast_support` says whether a model's fused ops run under autocast; :func:`convert_sync_batchnorm`
+synchronises every BN of a model, the fused ops' included. :mod:`t3d_kernels.reference` holds the
 plain-PyTorch ground truth. Architecture: docs/design.md.
 """
 
 from . import reference
 from .backends import BackendError, backends
-from .nn import DenseBlock3d, DenseLayer3d, TemporalTransition, autocast_support, fuse
+from .nn import DenseBlock3d, DenseLayer3d, TemporalTransition, autocast_support, convert_sync_batchnorm, fuse
 from .ops import dense_block, ttl
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "TemporalTransition",
     "autocast_support",
     "backends",
+    "convert_sync_batchnorm",
     "dense_block",
     "fuse",
     "reference",

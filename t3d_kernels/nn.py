@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import BackendError, declared, get, op_declaration, resolve
+from .composite import sync
 from .ops.dense_block import dense_block
 from .ops.ttl import ttl
 
@@ -21,6 +22,7 @@ __all__ = [
     "DenseBlock3d",
     "autocast_support",
     "bn_mode",
+    "convert_sync_batchnorm",
     "fuse",
     "split_channels",
 ]
@@ -41,7 +43,19 @@ def _check_backend(op: str, backend: str) -> str:
 
 
 class _BackendModule(nn.Module):
+    """A module over a fused op: ``backend`` picks the implementation; ``sync_bn`` (set by
+    :func:`convert_sync_batchnorm`) synchronises the op's BN statistics in training over ``process_group`` (None: the
+    default group). None of them is a parameter or buffer: the state_dict never depends on them."""
+
     _op = ""
+    sync_bn = False
+    process_group: torch.distributed.ProcessGroup | None = None
+
+    def _group(self) -> torch.distributed.ProcessGroup | None:
+        """The group the op synchronises over, or None (per-process statistics)."""
+        if not self.sync_bn:
+            return None
+        return self.process_group if self.process_group is not None else torch.distributed.group.WORLD
 
     @property
     def backend(self) -> str:
@@ -125,6 +139,7 @@ class TemporalTransition(_BackendModule):
             eps=bn.eps,
             pool=self.pool,
             backend=self.backend,
+            process_group=self._group(),
         )
 
     def extra_repr(self) -> str:
@@ -220,7 +235,15 @@ class DenseBlock3d(_BackendModule):
             len({(bn.training, bn.momentum, bn.eps, bn.track_running_stats) for bn in norms}) == 1
             and norms[0].track_running_stats
         )
-        if not uniform or resolve("dense_block", self.backend, x.device, x.dtype) == "reference":
+        group = self._group()
+        if not uniform and group is not None and any(bn.training for bn in norms):
+            raise ValueError(
+                "DenseBlock3d: a synchronised block (process_group set) needs all its BN modules in one mode; some "
+                "are frozen and some train"
+            )
+        synced = group is not None and bool(sync.group_name(group)) and norms[0].training
+        fused = resolve("dense_block", self.backend, x.device, x.dtype, group=synced)
+        if not uniform or fused == "reference":
             features = [x]
             for layer in layers:
                 features.append(layer(torch.cat(features, 1)))
@@ -234,6 +257,7 @@ class DenseBlock3d(_BackendModule):
             momentum=momentum,
             eps=norms[0].eps,
             backend=self.backend,
+            process_group=self._group(),
         )
 
 
@@ -271,3 +295,29 @@ def autocast_support(
         if not plain and dtype not in op_declaration(op).autocast.get(device_type, ()):
             reasons.append(f"t3d::{op}: no autocast rule for {str(dtype).removeprefix('torch.')} on {device_type}")
     return not reasons, reasons
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group: torch.distributed.ProcessGroup | None = None) -> nn.Module:
+    """Synchronise every BatchNorm of ``model`` over ``process_group`` (None: the default group), as
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` does: the fused modules (:class:`TemporalTransition`,
+    :class:`DenseBlock3d`) hand the group to their op, which all-reduces the BN statistics inside it; every other BN
+    module becomes an ``nn.SyncBatchNorm`` sharing its parameters and buffers. Returns the converted model (the same
+    object unless ``model`` is itself a BN module). Call before wrapping the model in DDP."""
+    if isinstance(model, _BackendModule):
+        model.sync_bn, model.process_group = True, process_group
+        return model  # its BN modules belong to the op: they stay nn.BatchNorm3d (state holders)
+    if isinstance(model, nn.modules.batchnorm._BatchNorm) and not isinstance(model, nn.SyncBatchNorm):
+        out = nn.SyncBatchNorm(
+            model.num_features, model.eps, model.momentum, model.affine, model.track_running_stats, process_group
+        )
+        if model.affine:
+            out.weight, out.bias = model.weight, model.bias
+        out.running_mean, out.running_var = model.running_mean, model.running_var
+        out.num_batches_tracked = model.num_batches_tracked
+        out.train(model.training)
+        return out
+    for name, child in model.named_children():
+        converted = convert_sync_batchnorm(child, process_group)
+        if converted is not child:
+            model.add_module(name, converted)
+    return model

@@ -15,8 +15,8 @@ def test_every_op_declares_the_same_backend_names(op):
     assert declared(op) == ["reference", "composite", "cpu", "cuda", "triton"]
     decl = op_declaration(f"t3d::{op}")
     assert decl.op == op
-    for order in decl.auto.values():  # auto ends on a backend that runs everywhere
-        assert order[-1] == "reference"
+    for order in decl.auto.values():  # auto always reaches a backend that runs everywhere
+        assert "reference" in order
 
 
 def test_resolve_names_each_refusal():

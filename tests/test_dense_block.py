@@ -86,6 +86,7 @@ def _op_args(x, spec, training, backend):
         training,
         1e-5,
         backend,
+        "",  # no process group
     )
 
 
@@ -138,6 +139,7 @@ def test_opcheck(backend, device, training):
             training,
             1e-5,
             backend,
+            "",
         )
         torch.library.opcheck(torch.ops.t3d.dense_block_backward.default, bargs)
 

@@ -15,6 +15,7 @@ mean of the two halves' gradients, and
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -54,6 +55,17 @@ def _params(path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if v.is_floating_point()}
 
 
+def _torchrun(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a torchrun command; once more if a process aborted in gloo's teardown after the run was done (torch 2.13
+    sometimes aborts at interpreter exit with "terminate called without an active exception", after the final
+    barrier and checkpoint: see t3d.distributed.cleanup). Any other failure is returned as it is."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    if proc.returncode != 0 and "done: step" in proc.stdout and "terminate called without an active" in proc.stderr:
+        shutil.rmtree(cmd[cmd.index("--out") + 1])  # a fresh run, not a second log line
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    return proc
+
+
 def test_single_process_context(monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
@@ -86,7 +98,7 @@ def test_two_process_gloo_equals_one_process_same_global_batch(tmp_path):
         "--batch-size",
         "4",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    proc = _torchrun(cmd, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "global batch 8 (2 process(es)" in proc.stdout
     with keep_threads(), warnings.catch_warnings():
@@ -130,43 +142,45 @@ SYNC_ARGS = ["--clip", CLIP, "--epochs", "1", "--lr", "0.05", "--no-progress", "
 
 
 @pytest.mark.slow
-def test_sync_bn_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("model,backend,stats", [("frame2d", "auto", 3), ("t3d_tiny", "composite", 17)])
+def test_sync_bn_two_processes_equal_one_process_with_the_whole_batch(tmp_path, model, backend, stats):
     """--sync-bn WITHOUT --freeze-bn: 2 gloo processes x batch 4 normalise with the statistics of all 8 clips, so
     the trained weights and the BN running statistics equal 1 process x batch 8 up to float32 summation order
-    (measured: <= 3e-6; without --sync-bn the same runs differ by up to 8e-3, and the running stats by 4e-2).
-    frame2d: its BN modules are plain ones (the fused ops' own BN needs t3d_kernels.convert_sync_batchnorm)."""
+    (measured: weights <= 5e-6, running stats <= 1.5e-4 relative; without --sync-bn the frame2d runs differ by up
+    to 8e-3, running stats by 4e-2).
+    frame2d: plain BN modules only (t3d.training.SyncBatchNorm); t3d_tiny on the composite backend: the fused TTLs
+    and dense blocks synchronise inside their ops (t3d_kernels.convert_sync_batchnorm), the stem and final BN
+    through SyncBatchNorm. (The compiled cpu kernels and the reference backend refuse a process group: below.)"""
     data = make_dataset(str(tmp_path / "syn"))
-    args = ["--model", "frame2d", *SYNC_ARGS]
+    args = ["--model", model, "--backend", backend, *SYNC_ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "t3d"]
     cmd += ["train", data, "--out", str(tmp_path / "sync"), *args, "--batch-size", "4", "--sync-bn"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    proc = _torchrun(cmd, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with keep_threads():
         assert cli_main(["train", data, "--out", str(tmp_path / "one"), *args, "--batch-size", "8"]) == 0
     sync, one = load_checkpoint(tmp_path / "sync" / "last.pt"), load_checkpoint(tmp_path / "one" / "last.pt")
     assert sync["step"] == one["step"] == 4 and sync["meta"]["train_config"]["sync_bn"] is True
     assert sync["model"].keys() == one["model"].keys()  # the converted modules keep BatchNorm's state_dict keys
-    stats = [k for k in one["model"] if k.endswith(("running_mean", "running_var"))]
-    assert len(stats) == 6
+    assert len([k for k in one["model"] if k.endswith("running_var")]) == stats
     for k, v in one["model"].items():
         if v.is_floating_point():
-            # weights and statistics are O(1): 1e-5 is ~100 float32 ulps, 1/800 of the unsynchronised difference
-            assert (sync["model"][k] - v).abs().max().item() <= 1e-5, k
+            # float32 summation order, amplified by 4 steps of batch-statistics BN (measured: weights <= 5e-6,
+            # T3D's stem running mean 5e-5); 1e-4 is still 1/80 of frame2d's unsynchronised weight difference and
+            # 1/400 of its running-statistics one. Relative for the large stem running variances.
+            tol = 1e-4 * max(1.0, v.abs().max().item())
+            assert (sync["model"][k] - v).abs().max().item() <= tol, k
         else:
             assert torch.equal(sync["model"][k], v), k  # num_batches_tracked
 
 
-def test_sync_bn_refuses_fused_modules_it_cannot_reach(tmp_path, capsys):
-    """Until t3d_kernels synchronises the BN inside its fused ops, --sync-bn on T3D is a clear error, not a silently
-    per-process BN."""
-    import t3d_kernels
-
-    if hasattr(t3d_kernels, "convert_sync_batchnorm"):
-        pytest.skip("t3d_kernels synchronises its fused ops")
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_sync_bn_refuses_backends_that_cannot_synchronise(tmp_path, capsys, backend):
+    """A fused backend without process-group support is a clear --sync-bn error before training, not a silently
+    per-process BN or a traceback at the first step."""
     data = make_dataset(str(tmp_path / "syn"), num_classes=2, train_per_class=2, test_per_class=1)
+    argv = ["train", data, "--out", str(tmp_path / "x"), "--model", "t3d_tiny", "--backend", backend, *SYNC_ARGS]
     with keep_threads():
-        argv = ["train", data, "--out", str(tmp_path / "x"), "--model", "t3d_tiny", *SYNC_ARGS, "--batch-size", "2"]
-        rc = cli_main([*argv, "--sync-bn"])
-    assert rc == 2
-    assert "--sync-bn: this model's fused TTL/dense-block modules" in capsys.readouterr().err
+        assert cli_main([*argv, "--batch-size", "2", "--sync-bn"]) == 2
+    assert f"--sync-bn: features.denseblock1: backend: '{backend}'" in capsys.readouterr().err

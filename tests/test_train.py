@@ -316,7 +316,7 @@ def test_amp_policy_on_gpus(monkeypatch):
     import t3d.training.amp as amp
 
     model = t3d_tiny()
-    monkeypatch.setattr(amp, "fused_ops_support_autocast", lambda m, device_type: True)
+    monkeypatch.setattr(amp, "autocast_refusals", lambda m, device_type, dtype: [])
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert amp.amp_settings("auto", cuda, model) == (True, torch.bfloat16, False)
@@ -326,14 +326,17 @@ def test_amp_policy_on_gpus(monkeypatch):
     assert amp.amp_settings("off", cuda, model) == (False, None, False)
 
 
-@pytest.mark.parametrize("model", ["frame2d", "t3d_tiny"])
-def test_amp_bf16_trains_on_cpu(synthetic, tmp_path, capsys, model):
+# (t3d_tiny on the reference backend also trains in bf16 here, but not reproducibly: PyTorch's CPU bf16 conv3d
+# weight gradient varies from run to run at dense block 3's 2x2 planes, and gave a NaN loss once in ~20 runs)
+@pytest.mark.parametrize("model,backend", [("frame2d", "auto"), ("t3d_tiny", "auto")])
+def test_amp_bf16_trains_on_cpu(synthetic, tmp_path, capsys, model, backend):
     """`t3d train --amp bf16` on the CPU: trains (finite loss), weights and BN statistics stay float32. A model whose
-    fused ops have no CPU autocast rule yet is refused with a clear message instead of a crash."""
-    argv = ["--model", model, "--amp", "bf16", "--max-steps", "2", "--workers", "0"]
-    if not fused_ops_support_autocast(t3d_tiny(), "cpu") and model != "frame2d":
+    fused ops have no CPU autocast rule yet is refused with t3d_kernels' reasons instead of a crash."""
+    argv = ["--model", model, "--backend", backend, "--amp", "bf16", "--max-steps", "2", "--workers", "0"]
+    if model != "frame2d" and not fused_ops_support_autocast(t3d_tiny(backend=backend), "cpu"):
         assert cli_main(["train", synthetic, "--out", str(tmp_path / "x"), *COMMON, *argv]) == 2
-        assert "--amp: bf16 autocast is not supported by this model's fused ops" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "--amp: bf16 autocast is not supported by this model's fused ops (t3d::" in err and "no autocast" in err
         return
     log = _train(synthetic, tmp_path / "bf16", *argv)
     assert all(np.isfinite(r["loss"]) for r in log)

@@ -172,3 +172,37 @@ def test_too_short_and_bad_arguments(synthetic_videos):
         read_frames(path, [0], decode="fast")
     with pytest.raises(ValueError, match="short_side: expected"):
         read_frames(path, [0], short_side=0)
+
+
+def _frames_returned_when_skipping(path: str, wanted: range) -> int:
+    from t3d.data.video import _decoded_frames, _open_probed_briefly
+
+    index = frame_index(path)
+    with _open_probed_briefly(path) as container:
+        stream = container.streams.video[0]
+        return sum(1 for _ in _decoded_frames(container, stream, {index.pts[i] for i in wanted}))
+
+
+@pytest.mark.parametrize("threads", [0, 1], ids=["auto-threads", "1-thread"])
+@pytest.mark.parametrize("name", ["h264_mkv_bframes", "h264_mp4_open_gop"])
+def test_non_reference_frames_outside_the_clip_are_skipped_and_the_clip_is_unchanged(synthetic_videos, name, threads):
+    # the exactness tests above go through this skipping: check that it happens (x264 B-frames that are not
+    # references) and that the frames of a clip after skipped ones equal the full decode at full resolution
+    path = synthetic_videos[name]
+    num = count_frames(path)
+    assert _frames_returned_when_skipping(path, range(60, 76)) < num
+    sequential = read_frames(path, range(num), decode="sequential")
+    for indices in ([61, 62, 63], list(range(60, 76)), [5, 33, 34, 70, num - 1]):
+        sought = read_frames(path, indices, decode="seek", threads=threads)
+        np.testing.assert_array_equal(sought, sequential[indices])
+
+
+def test_containers_without_stream_header_are_probed_fully(tmp_path):
+    # MPEG-PS announces its streams in its packets (a short probe may miss some): opened with the full probe
+    path = _write(str(tmp_path / "ps.mpg"), _moving_noise(30), "mpeg2video", {"g": "10"})
+    num = count_frames(path)
+    assert num == 30
+    indices = _sample_indices(num, 3)
+    np.testing.assert_array_equal(
+        read_frames(path, indices), read_frames(path, range(num), decode="sequential")[indices]
+    )

@@ -18,7 +18,7 @@ policies (:mod:`.batchnorm`) and reproducibility (:mod:`.determinism`). The ``t3
 See :mod:`.step` for the step-function contract and :mod:`.trainer` for what the loop owns.
 """
 
-from .amp import amp_settings, fused_ops_support_autocast
+from .amp import amp_settings, autocast_refusals, fused_ops_support_autocast
 from .batchnorm import SyncBatchNorm, convert_sync_batchnorm, freeze_batchnorm
 from .config import TrainConfig
 from .determinism import seed_everything, set_deterministic
@@ -33,6 +33,7 @@ __all__ = [
     "Trainer",
     "WarmupSchedule",
     "amp_settings",
+    "autocast_refusals",
     "classification_step",
     "convert_sync_batchnorm",
     "freeze_batchnorm",

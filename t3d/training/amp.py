@@ -1,38 +1,27 @@
-"""The mixed-precision policy: which autocast dtype (and whether a GradScaler) a run gets on a device, and
-whether the model's fused ops can run under autocast at all."""
+"""The mixed-precision policy: which autocast dtype (and whether a GradScaler) a run gets on a device. Whether the
+model's fused ops run under autocast is ``t3d_kernels``' answer (:func:`t3d_kernels.autocast_support`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from t3d_kernels import DenseBlock3d, TemporalTransition
+from t3d_kernels import autocast_support
 
-__all__ = ["amp_settings", "fused_ops_support_autocast"]
-
-
-FUSED_OPS = ("t3d::ttl", "t3d::dense_block")
+__all__ = ["amp_settings", "autocast_refusals", "fused_ops_support_autocast"]
 
 
-def fused_ops_support_autocast(model: nn.Module | None, device_type: str) -> bool:
-    """Whether ``model`` can run under autocast on ``device_type``: True when it has no t3d_kernels module, or when
-    every fused op it may call has an autocast rule registered (``torch.library.register_autocast``).
-
-    The fused ops check that BN parameters have the dtype of ``x``; without an autocast rule, a bf16 activation
-    meets fp32 BN weights and the op refuses it.
-    """
+def autocast_refusals(model: nn.Module | None, device_type: str, dtype: torch.dtype) -> list[str]:
+    """Why ``model``'s fused ops cannot run under ``torch.autocast(device_type, dtype)``; empty when they can (and
+    for no model, or a model without fused ops)."""
     if model is None:
-        return True
-    if not any(isinstance(m, (TemporalTransition, DenseBlock3d)) for m in model.modules()):
-        return True
-    key = "AutocastCUDA" if device_type == "cuda" else "AutocastCPU"
-    for op in FUSED_OPS:
-        try:
-            if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key):
-                return False
-        except RuntimeError:  # op not registered on this install: modules fall back to plain PyTorch
-            continue
-    return True
+        return []
+    return autocast_support(model, device_type, dtype)[1]
+
+
+def fused_ops_support_autocast(model: nn.Module | None, device_type: str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether ``model`` can run under autocast in ``dtype`` on ``device_type`` (see :func:`autocast_refusals`)."""
+    return not autocast_refusals(model, device_type, dtype)
 
 
 def amp_settings(
@@ -40,24 +29,23 @@ def amp_settings(
 ) -> tuple[bool, torch.dtype | None, bool]:
     """(autocast enabled, dtype, use GradScaler) for ``amp`` on ``device``.
 
-    "auto": bf16 on CUDA where supported (else fp16 + GradScaler), off on CPU, and off when ``model``'s fused ops
-    have no autocast rule yet (see :func:`fused_ops_support_autocast`); an explicit "bf16"/"fp16" for such a model
-    is a ValueError.
+    "auto": bf16 on CUDA where the GPU has it, else fp16 with a GradScaler; off on CPU, and off when ``model``'s
+    fused ops refuse that dtype. An explicit "bf16" (any device) or "fp16" (CUDA only) that the model's fused ops
+    refuse is a ValueError giving their reasons.
     """
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return False, None, False
-    supported = fused_ops_support_autocast(model, device.type)
     if amp == "auto":
-        if not supported:
-            return False, None, False
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
-        if not supported:
-            raise ValueError(
-                f"--amp: {amp} autocast is not supported by this model's fused ops ({', '.join(FUSED_OPS)} have no "
-                "autocast rule registered yet); use --amp off"
-            )
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     if dtype == torch.float16 and device.type != "cuda":
         raise ValueError(f"--amp: fp16 autocast needs a CUDA device, got {device}; use bf16 or off")
+    refusals = autocast_refusals(model, device.type, dtype)
+    if refusals:
+        if amp == "auto":
+            return False, None, False
+        raise ValueError(
+            f"--amp: {amp} autocast is not supported by this model's fused ops ({'; '.join(refusals)}); use --amp off"
+        )
     return True, dtype, dtype == torch.float16

@@ -18,8 +18,9 @@ from torch.distributed.nn.functional import all_reduce
 
 import t3d_kernels
 from t3d_kernels import DenseBlock3d, TemporalTransition
+from t3d_kernels.backends import BackendError, resolve
 
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "freeze_batchnorm"]
+__all__ = ["SyncBatchNorm", "check_sync_backends", "convert_sync_batchnorm", "freeze_batchnorm"]
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
@@ -94,6 +95,18 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def _fused_modules(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (TemporalTransition, DenseBlock3d))]
+
+
+def check_sync_backends(model: nn.Module, device: torch.device) -> None:
+    """A ValueError naming the reason when a fused module's backend cannot synchronise its BN on ``device`` (e.g.
+    the compiled ``cpu`` kernels reduce their statistics inside), before training starts rather than at the first
+    step."""
+    for name, m in model.named_modules():
+        if isinstance(m, (TemporalTransition, DenseBlock3d)):
+            try:
+                resolve(m._op, m.backend, device, group=True)
+            except BackendError as exc:
+                raise ValueError(f"--sync-bn: {name}: {exc}") from exc
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:

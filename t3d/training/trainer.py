@@ -25,7 +25,7 @@ from torch import nn
 from ..checkpoint import CHECKPOINT_FORMAT, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from ..distributed import DistContext, all_reduce_sum, unwrap, wrap_ddp
 from .amp import amp_settings
-from .batchnorm import convert_sync_batchnorm, freeze_batchnorm
+from .batchnorm import check_sync_backends, convert_sync_batchnorm, freeze_batchnorm
 from .config import TrainConfig
 from .step import StepOutput, classification_step
 
@@ -68,6 +68,7 @@ class Trainer:
         if self.config.sync_bn:
             # before DDP: it must see the converted modules; parameters stay the same tensors (optimizer unchanged)
             model = convert_sync_batchnorm(model)
+            check_sync_backends(model, self.device)
         self.model = wrap_ddp(model.to(self.device), self.ctx)
         self.optimizer, self.scheduler, self.loader, self.step_fn = optimizer, scheduler, loader, step_fn
         self.meta = dict(meta or {})

@@ -3,6 +3,9 @@
 Per-channel statistics and backward sums are computed in float64 whatever the input dtype (they are (C,) vectors:
 the cost is nothing, and a float32 sum over N*T*H*W positions loses digits the reference keeps); elementwise work
 stays in the input's dtype. Shapes: x (N, C, T, H, W); every per-channel vector (C,).
+
+Under autocast x is float16/bfloat16 while the BN parameters and statistics stay float32: elementwise results are
+computed in the wider dtype (PyTorch's type promotion) and stored in x's dtype, parameter gradients in theirs.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 
 __all__ = [
     "affine_correction",
+    "apply_correction",
     "bn_backward",
     "bn_relu",
     "bn_relu_backward",
@@ -39,8 +43,8 @@ def fold_bn(
 
 
 def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """relu(x * scale + shift) with per-channel (C,) scale and shift."""
-    return torch.relu(x * scale.view(_VIEW) + shift.view(_VIEW))
+    """relu(x * scale + shift) with per-channel (C,) scale and shift, in x's dtype."""
+    return torch.relu(x * scale.view(_VIEW) + shift.view(_VIEW)).to(x.dtype)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +85,7 @@ def bn_backward(
     invstd: torch.Tensor,
     training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """BN backward from dy = dL/d(BN output): (dL/dx, grad weight, grad bias), in x's dtype.
+    """BN backward from dy = dL/d(BN output): (dL/dx in x's dtype, grad weight, grad bias in scale's dtype).
 
     ``training``: mean/var were x's batch statistics (their dependence on x joins the gradient), else constants.
     """
@@ -89,8 +93,8 @@ def bn_backward(
     grad_x = grad_pre * scale.view(_VIEW)
     if training:
         alpha, beta = affine_correction(scale, invstd, mean, sum_g, sum_gx, x.numel() // x.shape[1])
-        grad_x = grad_x + (alpha.view(_VIEW) + beta.view(_VIEW) * x.double()).to(x.dtype)
-    return grad_x, sum_gx.to(x.dtype), sum_g.to(x.dtype)
+        grad_x = grad_x + (alpha.view(_VIEW) + beta.view(_VIEW) * x.double()).to(grad_x.dtype)
+    return grad_x.to(x.dtype), sum_gx.to(scale.dtype), sum_g.to(scale.dtype)
 
 
 def bn_relu_backward(
@@ -105,6 +109,22 @@ def bn_relu_backward(
     """Backward of z = relu(bn(x)) from dL/dz, the ReLU mask recomputed from x: as :func:`bn_backward`."""
     grad_pre = grad_z * ((x * scale.view(_VIEW) + shift.view(_VIEW)) > 0)
     return bn_backward(grad_pre, x, scale, mean, invstd, training)
+
+
+def apply_correction(
+    grad_x: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    invstd: torch.Tensor,
+    mean: torch.Tensor,
+    sum_g: torch.Tensor,
+    sum_gx: torch.Tensor,
+    count: int,
+) -> torch.Tensor:
+    """grad_x + alpha + beta * x (:func:`affine_correction`): an eval-mode BN gradient (``scale * dy``) made the
+    training-mode one from the sums and count of the whole batch (synchronised BN: of every process)."""
+    alpha, beta = affine_correction(scale, invstd, mean, sum_g, sum_gx, count)
+    return (grad_x + alpha.view(_VIEW) + beta.view(_VIEW) * x.double()).to(grad_x.dtype)
 
 
 def update_running_stats(

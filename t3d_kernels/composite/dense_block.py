@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import dense_block_output_channels, layer_channels, same_padding
-from . import bn
+from . import bn, sync
 
 __all__ = ["CompositeKernels", "algorithm_backward", "algorithm_forward", "backward", "forward"]
 
@@ -97,14 +97,22 @@ def algorithm_forward(
     conv2_weight,
     training,
     eps,
+    group="",
 ):
-    """The fused forward over ``kern``'s kernels; returns (y, mean1, var1, mean2, var2) as the op does."""
+    """The fused forward over ``kern``'s kernels; returns (y, mean1, var1, mean2, var2) as the op does. With a
+    ``group`` (:mod:`.sync`), each channel's statistics are merged over it once, when the channel is written."""
     n, c0, t, h_, w_ = x.shape
     cins = layer_channels(c0, conv2_weight)
     y = x.new_empty(n, dense_block_output_channels(c0, conv2_weight), t, h_, w_)
     y[:, :c0] = x
+    count = n * t * h_ * w_
+
+    def channel_stats(v):
+        mean, var = kern.channel_stats(v)
+        return sync.merge_stats(mean, var, count, group) if group else (mean, var)
+
     if training:
-        chan_mean, chan_var = kern.channel_stats(y[:, :c0])
+        chan_mean, chan_var = channel_stats(y[:, :c0])
         mean1, var1, mean2, var2 = [], [], [], []
     else:
         mean1, var1, mean2, var2 = _running(bn1_mean), _running(bn1_var), _running(bn2_mean), _running(bn2_var)
@@ -120,7 +128,7 @@ def algorithm_forward(
         scale1, shift1, _ = bn.fold_bn(bn1_weight[i], bn1_bias[i], m1, v1, eps)
         h = kern.bn_relu_conv1x1(y[:, :cin], scale1, shift1, w1.reshape(bott, cin))
         if training:
-            m2, v2 = kern.channel_stats(h)
+            m2, v2 = channel_stats(h)
             mean2.append(m2)
             var2.append(v2)
         else:
@@ -128,13 +136,15 @@ def algorithm_forward(
         scale2, shift2, _ = bn.fold_bn(bn2_weight[i], bn2_bias[i], m2, v2, eps)
         y[:, cin : cin + k] = kern.conv_same(kern.bn_relu(h, scale2, shift2), w2)
         if training:
-            new_mean, new_var = kern.channel_stats(y[:, cin : cin + k])
+            new_mean, new_var = channel_stats(y[:, cin : cin + k])
             chan_mean = torch.cat([chan_mean, new_mean])
             chan_var = torch.cat([chan_var, new_var])
         off1, off2 = off1 + cin, off2 + bott
     if training:
         mean1, var1, mean2, var2 = torch.cat(mean1), torch.cat(var1), torch.cat(mean2), torch.cat(var2)
-    return y, mean1.to(x.dtype), var1.to(x.dtype), mean2.to(x.dtype), var2.to(x.dtype)
+    # statistics in the BN parameters' dtype (float32 under autocast, where x is float16/bfloat16)
+    sdt = bn1_weight[0].dtype
+    return y, mean1.to(sdt), var1.to(sdt), mean2.to(sdt), var2.to(sdt)
 
 
 def algorithm_backward(
@@ -153,12 +163,19 @@ def algorithm_backward(
     conv2_weight,
     training,
     eps,
+    group="",
 ):
-    """The fused backward over ``kern``'s kernels; returns the grads as the op does."""
+    """The fused backward over ``kern``'s kernels; returns the grads as the op does. With a ``group``, the two sums
+    of every BN's backward are summed over it before use (the parameter gradients stay local)."""
     c0 = int(y.shape[1]) - sum(int(w.shape[0]) for w in conv2_weight)
     cins = layer_channels(c0, conv2_weight)
     count = y.numel() // y.shape[1]
-    grad_buf = grad_y.clone(memory_format=torch.contiguous_format)
+    synced = training and bool(group)
+    if synced:
+        count = sync.total_count(count, y.device, group)
+    # gradients of the buffer accumulate in float32 or wider (float16/bfloat16 y under autocast)
+    acc = torch.promote_types(y.dtype, torch.float32)
+    grad_buf = grad_y.to(acc, memory_format=torch.contiguous_format, copy=True)
     corr_a = torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
     corr_b = torch.zeros_like(corr_a)
     offs1 = [sum(cins[:i]) for i in range(len(cins))]
@@ -169,7 +186,7 @@ def algorithm_backward(
         cin, w1, w2 = cins[i], conv1_weight[i], conv2_weight[i]
         bott, k = int(w1.shape[0]), int(w2.shape[0])
         sl = slice(cin, cin + k)
-        gout = grad_buf[:, sl] + (corr_a[sl].view(_VIEW) + corr_b[sl].view(_VIEW) * y[:, sl].double()).to(y.dtype)
+        gout = grad_buf[:, sl] + (corr_a[sl].view(_VIEW) + corr_b[sl].view(_VIEW) * y[:, sl].double()).to(acc)
         m1, v1 = mean1[offs1[i] : offs1[i] + cin].double(), var1[offs1[i] : offs1[i] + cin].double()
         m2, v2 = mean2[offs2[i] : offs2[i] + bott].double(), var2[offs2[i] : offs2[i] + bott].double()
         scale1, shift1, invstd1 = bn.fold_bn(bn1_weight[i], bn1_bias[i], m1, v1, eps)
@@ -177,27 +194,36 @@ def algorithm_backward(
         w1m = w1.reshape(bott, cin)
         prefix = y[:, :cin]
         h = kern.bn_relu_conv1x1(prefix, scale1, shift1, w1m)
-        grad_z2, grads[5][i] = kern.conv_same_backward(gout.contiguous(), kern.bn_relu(h, scale2, shift2), w2)
-        grad_h, grads[3][i], grads[4][i] = kern.bn_relu_backward(grad_z2, h, scale2, shift2, m2, invstd2, training)
+        z2 = kern.bn_relu(h, scale2, shift2)
+        grad_z2, grads[5][i] = kern.conv_same_backward(gout.to(y.dtype).contiguous(), z2, w2)
+        del z2
+        grad_h, grads[3][i], grads[4][i] = kern.bn_relu_backward(
+            grad_z2, h, scale2, shift2, m2, invstd2, training and not synced
+        )
+        if synced:  # the local (eval-form) gradient made the group's training-mode one
+            sum_gx2, sum_g2 = sync.all_reduce_sums([grads[3][i], grads[4][i]], group)
+            grad_h = bn.apply_correction(grad_h, h, scale2, invstd2, m2, sum_g2, sum_gx2, count)
         del h, grad_z2
         grad_w1, sum_g, sum_gx = kern.conv1x1_bn_relu_backward(
             grad_h, prefix, scale1, shift1, m1, invstd1, w1m, grad_buf[:, :cin]
         )
         grads[2][i] = grad_w1.reshape(w1.shape).to(w1.dtype)
-        grads[0][i], grads[1][i] = sum_gx.to(y.dtype), sum_g.to(y.dtype)
+        grads[0][i], grads[1][i] = sum_gx.to(bn1_weight[i].dtype), sum_g.to(bn1_weight[i].dtype)
+        if synced:
+            sum_g, sum_gx = sync.all_reduce_sums([sum_g, sum_gx], group)
         if training:
             alpha, beta = bn.affine_correction(scale1, invstd1, m1, sum_g, sum_gx, count)
             corr_a[:cin] += alpha
             corr_b[:cin] += beta
-    grad_x = grad_buf[:, :c0] + (corr_a[:c0].view(_VIEW) + corr_b[:c0].view(_VIEW) * y[:, :c0].double()).to(y.dtype)
-    return (grad_x, *grads)
+    grad_x = grad_buf[:, :c0] + (corr_a[:c0].view(_VIEW) + corr_b[:c0].view(_VIEW) * y[:, :c0].double()).to(acc)
+    return (grad_x.to(y.dtype), *grads)
 
 
-def forward(*args):
+def forward(*args, group=""):
     """The ``composite`` backend's forward: :func:`algorithm_forward` over :class:`CompositeKernels`."""
-    return algorithm_forward(CompositeKernels, *args)
+    return algorithm_forward(CompositeKernels, *args, group=group)
 
 
-def backward(*args):
+def backward(*args, group=""):
     """The ``composite`` backend's backward: :func:`algorithm_backward` over :class:`CompositeKernels`."""
-    return algorithm_backward(CompositeKernels, *args)
+    return algorithm_backward(CompositeKernels, *args, group=group)

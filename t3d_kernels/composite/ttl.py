@@ -26,7 +26,8 @@ def _source(x, scale, shift, weights, pool):
     z = bn_relu(x, scale, shift)
     extra = 1 if pool else 0  # one more zero at the end of every dim feeds the 2-window of the last position
     zp = F.pad(z, (pad.w, pad.w + extra, pad.h, pad.h + extra, pad.front, pad.back + extra))
-    src = F.avg_pool3d(zp, 2, stride=1) if pool else zp
+    # the box filter's mean in float32 or wider (no bfloat16 avg_pool3d on CPU), stored in z's dtype
+    src = F.avg_pool3d(zp.to(torch.promote_types(zp.dtype, torch.float32)), 2, stride=1).to(zp.dtype) if pool else zp
     t_out, h_out, w_out = ttl_output_shape(x.shape, weights, pool)[2:]
     stride = 2 if pool else 1
     views = []
@@ -85,7 +86,8 @@ def backward(
     scale, shift, invstd = fold_bn(bn_weight, bn_bias, mean, var, eps)
     z, src, views, stride = _source(x, scale, shift, weights, pool)
     pad = ttl_padding(weights)
-    grad_src = torch.zeros_like(src)
+    # the branches' contributions meet in float32 or wider (float16/bfloat16 inputs under autocast)
+    grad_src = torch.zeros_like(src, dtype=torch.promote_types(src.dtype, torch.float32))
     grad_weights = []
     c0 = 0
     for w, (t0, h0, w0, t1, h1, w1) in zip(weights, views):

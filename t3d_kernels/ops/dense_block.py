@@ -20,11 +20,22 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ext
-from ..backends import Backend, declare, extension_reason, get, resolve, triton_reason, triton_reasons_on
-from ..composite import bn
+from ..backends import (
+    HALF,
+    Backend,
+    autocast_dtype,
+    declare,
+    extension_reason,
+    get,
+    register_autocast,
+    resolve,
+    triton_reason,
+    triton_reasons_on,
+)
+from ..composite import bn, sync
 from ..composite import dense_block as composite_dense_block
 from ..geometry import dense_block_output_channels, layer_channels
-from ._checks import _describe, check_input, check_shape_for_mode, check_tensor
+from ._checks import check_dense_block_args, check_shape_for_mode
 
 __all__ = ["dense_block", "dense_block_output_channels"]
 
@@ -35,24 +46,25 @@ __all__ = ["dense_block", "dense_block_output_channels"]
 # --------------------------------------------------------------------------------------------------------
 
 
-def _compiled_forward(*args):
+# (no process group: the C++ kernels reduce their statistics inside, so their declaration refuses one)
+def _compiled_forward(*args, group=""):
     return _ext.load().dense_block_forward(*args)
 
 
-def _compiled_backward(*args):
+def _compiled_backward(*args, group=""):
     return _ext.load().dense_block_backward(*args)
 
 
-def _triton_forward(*args):
+def _triton_forward(*args, group=""):
     from ..triton import dense_block as triton_dense_block  # lazily: a missing Triton never breaks the import
 
-    return triton_dense_block.forward(*args)
+    return triton_dense_block.forward(*args, group=group)
 
 
-def _triton_backward(*args):
+def _triton_backward(*args, group=""):
     from ..triton import dense_block as triton_dense_block
 
-    return triton_dense_block.backward(*args)
+    return triton_dense_block.backward(*args, group=group)
 
 
 def _reference(x, layers, training, momentum, eps):
@@ -69,10 +81,13 @@ _COMPILED = {"forward": _compiled_forward, "backward": _compiled_backward}
 declare(
     "dense_block",
     [
-        Backend("reference", impl={"direct": _reference}),
+        # plain PyTorch ops: autocast's own rules apply; the BN modules of a model are synchronised by the caller
+        Backend("reference", impl={"direct": _reference}, autocast_dtypes=HALF),
         Backend(
             "composite",
             impl={"forward": composite_dense_block.forward, "backward": composite_dense_block.backward},
+            autocast_dtypes=HALF,
+            process_group=True,
         ),
         Backend("cpu", ("cpu",), _FP, extension_reason("dense_block_forward"), impl=_COMPILED),
         Backend("cuda", ("cuda",), _FP, extension_reason("dense_block_forward", cuda=True), impl=_COMPILED),
@@ -82,11 +97,19 @@ declare(
             built=triton_reason,
             reasons=triton_reasons_on,
             impl={"forward": _triton_forward, "backward": _triton_backward},
+            autocast_dtypes=HALF,
+            process_group=True,
         ),
     ],
     # from measurements (README "Performance"): the fused dense block's GPU kernels are still slower than the cuDNN
     # block, so on CUDA it stays on the reference unless a fused backend is asked for (it saves memory)
-    auto={"cpu": ("cpu", "composite", "reference"), "cuda": ("reference",), "default": ("composite", "reference")},
+    # (composite after it: the fused op where the reference cannot serve, a synchronised BN)
+    auto={
+        "cpu": ("cpu", "composite", "reference"),
+        "cuda": ("reference", "composite"),
+        "default": ("composite", "reference"),
+    },
+    autocast={"cpu": (torch.bfloat16,), "cuda": HALF},  # CPU autocast: bf16 (fp16 CPU convs are no target)
 )
 
 
@@ -111,6 +134,7 @@ def _dense_block_op(
     training: bool,
     eps: float,
     backend: str,
+    group: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     y, mean1, var1, mean2, var2 = get("dense_block", backend).impl["forward"](
         x,
@@ -126,6 +150,7 @@ def _dense_block_op(
         conv2_weight,
         training,
         eps,
+        group=group,
     )
     return y, mean1, var1, mean2, var2
 
@@ -146,12 +171,14 @@ def _(
     training,
     eps,
     backend,
+    group,
 ):
     n, c0, t, h, w = x.shape
     y = x.new_empty(n, dense_block_output_channels(c0, conv2_weight), t, h, w)
     len1 = sum(layer_channels(c0, conv2_weight))
     len2 = sum(int(w1.shape[0]) for w1 in conv1_weight)
-    return y, x.new_empty(len1), x.new_empty(len1), x.new_empty(len2), x.new_empty(len2)
+    sdt = bn1_weight[0].dtype  # the statistics come in the BN parameters' dtype
+    return y, *(x.new_empty(m, dtype=sdt) for m in (len1, len1, len2, len2))
 
 
 @torch.library.custom_op("t3d::dense_block_backward", mutates_args=())
@@ -171,6 +198,7 @@ def _dense_block_backward_op(
     training: bool,
     eps: float,
     backend: str,
+    group: str,
 ) -> tuple[
     torch.Tensor,
     list[torch.Tensor],
@@ -195,6 +223,7 @@ def _dense_block_backward_op(
         conv2_weight,
         training,
         eps,
+        group=group,
     )
     return grads[0], *[list(g) for g in grads[1:]]
 
@@ -216,6 +245,7 @@ def _(
     training,
     eps,
     backend,
+    group,
 ):
     c0 = int(y.shape[1]) - sum(int(w.shape[0]) for w in conv2_weight)
     grad_x = y.new_empty(y.shape[0], c0, *y.shape[2:])
@@ -224,16 +254,30 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    (_, bn1_weight, bn1_bias, _, _, conv1_weight, bn2_weight, bn2_bias, _, _, conv2_weight, training, eps, backend) = (
-        inputs
-    )
+    (
+        _,
+        bn1_weight,
+        bn1_bias,
+        _,
+        _,
+        conv1_weight,
+        bn2_weight,
+        bn2_bias,
+        _,
+        _,
+        conv2_weight,
+        training,
+        eps,
+        backend,
+        group,
+    ) = inputs
     y, mean1, var1, mean2, var2 = output
     ctx.mark_non_differentiable(mean1, var1, mean2, var2)
     # only the output buffer (O(L) channels), the statistics and the parameters: nothing normalized
     ctx.save_for_backward(
         y, mean1, var1, mean2, var2, *bn1_weight, *bn1_bias, *conv1_weight, *bn2_weight, *bn2_bias, *conv2_weight
     )
-    ctx.layers, ctx.training, ctx.eps, ctx.backend = len(conv1_weight), training, eps, backend
+    ctx.layers, ctx.training, ctx.eps, ctx.backend, ctx.group = len(conv1_weight), training, eps, backend, group
 
 
 def _backward(ctx, grad_y, grad_mean1, grad_var1, grad_mean2, grad_var2):
@@ -241,13 +285,14 @@ def _backward(ctx, grad_y, grad_mean1, grad_var1, grad_mean2, grad_var2):
     n = ctx.layers
     lists = [params[j * n : (j + 1) * n] for j in range(6)]
     grad_x, g_bn1_w, g_bn1_b, g_conv1, g_bn2_w, g_bn2_b, g_conv2 = torch.ops.t3d.dense_block_backward(
-        grad_y, y, mean1, var1, mean2, var2, *lists, ctx.training, ctx.eps, ctx.backend
+        grad_y, y, mean1, var1, mean2, var2, *lists, ctx.training, ctx.eps, ctx.backend, ctx.group
     )
     none = [None] * n
-    return grad_x, g_bn1_w, g_bn1_b, none, none, g_conv1, g_bn2_w, g_bn2_b, none, none, g_conv2, None, None, None
+    return grad_x, g_bn1_w, g_bn1_b, none, none, g_conv1, g_bn2_w, g_bn2_b, none, none, g_conv2, None, None, None, None
 
 
 _dense_block_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast("dense_block", cast=(0, 5, 10), backend_arg=13)  # x, conv1_weight, conv2_weight
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -257,38 +302,6 @@ _dense_block_op.register_autograd(_backward, setup_context=_setup_context)
 _Norm = Sequence[torch.Tensor]
 
 
-def _check_args(x, layers) -> None:
-    check_input(x)
-    if isinstance(layers, torch.Tensor) or len(layers) == 0:
-        raise ValueError("layers: expected a non-empty sequence of (norm1, conv1_weight, norm2, conv2_weight)")
-    c = int(x.shape[1])
-    for i, layer in enumerate(layers):
-        if len(layer) != 4:
-            raise ValueError(
-                f"layers[{i}]: expected (norm1, conv1_weight, norm2, conv2_weight), got {len(layer)} items"
-            )
-        norm1, w1, norm2, w2 = layer
-        check_tensor(f"layers[{i}].conv1_weight", w1, x)
-        if w1.dim() != 5 or w1.shape[1] != c or tuple(w1.shape[2:]) != (1, 1, 1):
-            raise ValueError(
-                f"layers[{i}].conv1_weight: expected shape (B, {c}, 1, 1, 1) (layer {i} reads C_0 + sum of earlier "
-                f"growths = {c} channels), got {_describe(w1)}"
-            )
-        bott = int(w1.shape[0])
-        check_tensor(f"layers[{i}].conv2_weight", w2, x)
-        if w2.dim() != 5 or w2.shape[1] != bott or any(s % 2 == 0 for s in w2.shape[2:]) or w2.shape[0] < 1:
-            raise ValueError(
-                f"layers[{i}].conv2_weight: expected shape (k, {bott}, kt, kh, kw) with odd kernel sizes, got "
-                f"{_describe(w2)}"
-            )
-        for name, norm, channels in (("norm1", norm1, c), ("norm2", norm2, bott)):
-            if len(norm) != 4:
-                raise ValueError(f"layers[{i}].{name}: expected (weight, bias, running_mean, running_var)")
-            for pname, p in zip(("weight", "bias", "running_mean", "running_var"), norm, strict=True):
-                check_tensor(f"layers[{i}].{name}.{pname}", p, x, (channels,))
-        c += int(w2.shape[0])
-
-
 def dense_block(
     x: torch.Tensor,
     layers: Sequence[tuple[_Norm, torch.Tensor, _Norm, torch.Tensor]],
@@ -296,6 +309,7 @@ def dense_block(
     momentum: float = 0.1,
     eps: float = 1e-5,
     backend: str = "auto",
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Fused dense block; same contract as :func:`t3d_kernels.reference.dense_block`.
 
@@ -304,10 +318,17 @@ def dense_block(
     'same' padding), C_i = C_0 + sum_{j<i} k_j. Returns (N, C_0 + sum k_i, T, H, W). In training the batch
     statistics normalize and every layer's running statistics are updated in place, as ``F.batch_norm`` does.
     ``backend``: "auto", or one of :func:`t3d_kernels.backends` ("reference" runs the plain-PyTorch reference).
+    ``process_group``: in training, synchronise every BN's statistics over this group (``nn.SyncBatchNorm``'s
+    numbers; docs/design.md, "Synchronised BatchNorm"); without an initialised process group it has no effect.
+    Under autocast x and the conv weights compute in the autocast dtype, the BN statistics in float32.
     """
-    _check_args(x, layers)
+    autocast = autocast_dtype("dense_block", x)
+    check_dense_block_args(x, layers, autocast is not None)
     check_shape_for_mode(x, training)
-    name = resolve("dense_block", backend, x.device, x.dtype)
+    group = sync.group_name(process_group) if training and process_group is not None else ""
+    # under autocast the rule casts x (to the autocast dtype, or to float32: the declared fallback)
+    dtype = x.dtype if autocast is None else None
+    name = resolve("dense_block", backend, x.device, dtype, autocast=autocast, group=bool(group))
     direct = get("dense_block", name).impl.get("direct")
     if direct is not None:
         return direct(x, layers, training, momentum, eps)
@@ -330,15 +351,26 @@ def dense_block(
         training,
         eps,
         name,
+        group,
     )
     if training:
-        _update_running_stats(x, norm1, norm2, mean1, var1, mean2, var2, momentum)
+        count = x.numel() // x.shape[1]
+        _update_running_stats(
+            sync.total_count(count, x.device, group) if group else count,
+            norm1,
+            norm2,
+            mean1,
+            var1,
+            mean2,
+            var2,
+            momentum,
+        )
     return y
 
 
-def _update_running_stats(x, norm1, norm2, mean1, var1, mean2, var2, momentum) -> None:
-    """Every BN's running statistics from the concatenated batch statistics the op returns."""
-    count = x.numel() // x.shape[1]
+def _update_running_stats(count, norm1, norm2, mean1, var1, mean2, var2, momentum) -> None:
+    """Every BN's running statistics from the concatenated batch statistics the op returns (over ``count``
+    elements per channel)."""
     for norms, mean, var in ((norm1, mean1, var1), (norm2, mean2, var2)):
         off = 0
         for _, _, running_mean, running_var in norms:

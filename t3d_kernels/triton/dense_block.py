@@ -14,7 +14,9 @@ plugged in.
   per-program partial sums of gp and gp * (x - mean) (reduced in float64 by the caller: deterministic).
 - ``_conv1x1_wgrad_kernel``: dL/dW1 = dL/dh @ relu(x * scale + shift)^T, normalizing x on load again.
 
-fp32 GEMMs use IEEE fp32 (``input_precision="ieee"``), as PyTorch's default matmul does.
+GEMM precision follows the contender (cuDNN's 1x1x1 convolution): float32 operands in TF32 when
+``torch.backends.cudnn.allow_tf32`` is set, else IEEE float32; float16/bfloat16 operands (autocast) as they are;
+accumulation always float32 (:mod:`._precision`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import triton.language as tl
 
 from ..composite.bn import affine_correction
 from ..composite.dense_block import CompositeKernels, algorithm_backward, algorithm_forward
+from ._precision import dot_dtype, precision
 
 __all__ = ["forward", "backward", "TritonKernels"]
 
@@ -80,6 +83,8 @@ def _bn_relu_conv1x1_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     pid_p, pid_b, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_b = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,7 +99,7 @@ def _bn_relu_conv1x1_kernel(
         s = tl.load(scale_ptr + offs_c, mask=mc, other=0.0)
         t = tl.load(shift_ptr + offs_c, mask=mc, other=0.0)
         z = tl.where(m, tl.maximum(x * s[:, None] + t[:, None], 0.0), 0.0)
-        acc += tl.dot(w.to(tl.float32), z.to(tl.float32), input_precision="ieee")
+        acc += tl.dot(w.to(DOT), z.to(DOT), input_precision=PRECISION)
     mask = (offs_b[:, None] < B) & (offs_p[None, :] < P)
     ptrs = out_ptr + n * stride_on + offs_b[:, None] * stride_oc + offs_p[None, :]
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -109,7 +114,7 @@ def _bn_relu_kernel(h_ptr, scale_ptr, shift_ptr, out_ptr, C, P, BLOCK: tl.conste
     s = tl.load(scale_ptr + c)
     t = tl.load(shift_ptr + c)
     v = tl.load(h_ptr + row * P + offs, mask=m, other=0.0)
-    tl.store(out_ptr + row * P + offs, tl.maximum(v * s + t, 0.0), mask=m)
+    tl.store(out_ptr + row * P + offs, tl.maximum(v * s + t, 0.0).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -151,7 +156,7 @@ def _bn_relu_bwd_apply_kernel(
     h = tl.load(h_ptr + row * P + offs, mask=m, other=0.0)
     g = tl.load(g_ptr + row * P + offs, mask=m, other=0.0)
     gp = tl.where(h * s + t > 0, g, 0.0)
-    tl.store(out_ptr + row * P + offs, s * gp + a + b * h, mask=m)
+    tl.store(out_ptr + row * P + offs, (s * gp + a + b * h).to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -173,6 +178,8 @@ def _conv1x1_dgrad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     pid_p, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_c = pid_c * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -188,7 +195,7 @@ def _conv1x1_dgrad_kernel(
         gh = tl.load(
             gh_ptr + n * stride_gn + offs_b[:, None] * P + offs_p[None, :], mask=mb[:, None] & mp[None, :], other=0.0
         )
-        acc += tl.dot(wt.to(tl.float32), gh.to(tl.float32), input_precision="ieee")
+        acc += tl.dot(wt.to(DOT), gh.to(DOT), input_precision=PRECISION)
     m = mc[:, None] & mp[None, :]
     x = tl.load(x_ptr + n * stride_xn + offs_c[:, None] * stride_xc + offs_p[None, :], mask=m, other=0.0)
     s = tl.load(scale_ptr + offs_c, mask=mc, other=0.0)
@@ -222,6 +229,8 @@ def _conv1x1_wgrad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     # split-K over the (sample, position block) steps: program k covers steps [k*S, (k+1)*S) and writes its own
     # partial (no atomics; the caller sums the partials in float64)
@@ -247,7 +256,7 @@ def _conv1x1_wgrad_kernel(
         m = mp[:, None] & mc[None, :]
         x = tl.load(x_ptr + n * stride_xn + offs_c[None, :] * stride_xc + offs_p[:, None], mask=m, other=0.0)
         z = tl.where(m, tl.maximum(x * s[None, :] + t[None, :], 0.0), 0.0)
-        acc += tl.dot(gh.to(tl.float32), z.to(tl.float32), input_precision="ieee")
+        acc += tl.dot(gh.to(DOT), z.to(DOT), input_precision=PRECISION)
     out = out_ptr + k * B * C + offs_b[:, None] * C + offs_c[None, :]
     tl.store(out, acc, mask=mb[:, None] & mc[None, :])
 
@@ -306,6 +315,8 @@ class TritonKernels(CompositeKernels):
             BLOCK_M=_BLOCK_M,
             BLOCK_K=_BLOCK_K,
             BLOCK_P=_BLOCK_P,
+            PRECISION=precision(prefix.dtype),
+            DOT=dot_dtype(prefix.dtype),
         )
         return out
 
@@ -326,6 +337,7 @@ class TritonKernels(CompositeKernels):
         p = h.numel() // (n * c)
         scale, shift = scale.contiguous(), shift.contiguous()
         mean32 = mean.to(torch.float32).contiguous()
+        acc = torch.promote_types(h.dtype, torch.float32)
         split = _split_positions(p)
         slices = triton.cdiv(p, split)
         part = torch.empty(c, n * slices, 2, device=h.device, dtype=torch.float32)
@@ -339,9 +351,9 @@ class TritonKernels(CompositeKernels):
             alpha = beta = torch.zeros_like(sum_g)
         out = torch.empty_like(h)
         _bn_relu_bwd_apply_kernel[(triton.cdiv(p, _BLOCK_STATS), n * c)](
-            grad_z, h, scale, shift, alpha.to(h.dtype), beta.to(h.dtype), out, c, p, BLOCK=_BLOCK_STATS
+            grad_z, h, scale, shift, alpha.to(acc), beta.to(acc), out, c, p, BLOCK=_BLOCK_STATS
         )
-        return out, sum_gx.to(h.dtype), sum_g.to(h.dtype)
+        return out, sum_gx.to(scale.dtype), sum_g.to(scale.dtype)
 
     @staticmethod
     def conv1x1_bn_relu_backward(grad_h, prefix, scale, shift, mean, invstd, w1, grad_prefix):
@@ -372,6 +384,8 @@ class TritonKernels(CompositeKernels):
             BLOCK_M=_BLOCK_M,
             BLOCK_K=_BLOCK_K,
             BLOCK_P=_BLOCK_P,
+            PRECISION=precision(prefix.dtype),
+            DOT=dot_dtype(prefix.dtype),
         )
         sums = psum.double().sum(0)
         sum_g = sums[0]
@@ -402,16 +416,18 @@ class TritonKernels(CompositeKernels):
             BLOCK_M=_BLOCK_M,
             BLOCK_K=_BLOCK_K,
             BLOCK_P=_BLOCK_P,
+            PRECISION=precision(prefix.dtype),
+            DOT=dot_dtype(prefix.dtype),
         )
         grad_w1 = partial.double().sum(0) if splits > 1 else partial[0]
         return grad_w1.to(prefix.dtype), sum_g, sum_gx
 
 
-def forward(*args):
+def forward(*args, group=""):
     """Same arguments and results as the composite forward (:mod:`t3d_kernels.composite.dense_block`)."""
-    return algorithm_forward(TritonKernels, *args)
+    return algorithm_forward(TritonKernels, *args, group=group)
 
 
-def backward(*args):
-    """Same arguments and results as the op's backward."""
-    return algorithm_backward(TritonKernels, *args)
+def backward(*args, group=""):
+    """Same arguments and results as the composite backward."""
+    return algorithm_backward(TritonKernels, *args, group=group)

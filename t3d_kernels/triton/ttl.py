@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ..geometry import ttl_padding
+from ._precision import precision as _precision
 
 __all__ = ["forward", "backward"]
 
@@ -340,12 +341,6 @@ def _acc_dtype(dtype: torch.dtype):
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 class _Geometry:

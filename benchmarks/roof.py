@@ -1,0 +1,32 @@
+"""The machine's roof measured in the run (an sgemm of a case's size) and FLOP counting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .timing import time_callable
+
+
+def sgemm_gflops(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype, repeats: int = 7) -> float:
+    """GFLOP/s of ``torch.mm`` of (m, k) @ (k, n) on this device, measured now: the roof of this run.
+
+    The best of the repeats, not the median: a roof is what the machine can do, and on a shared machine the
+    median mostly measures the neighbours."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(device, dtype)
+    b = torch.randn(k, n, generator=gen).to(device, dtype)
+    timing = time_callable(lambda: torch.mm(a, b), device, repeats=repeats, warmup=1)
+    return 2.0 * m * k * n / (min(timing.samples_ms) * 1e-3) / 1e9
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs of ``fn()`` as counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, matmuls;
+    multiply-add = 2). Works on meta tensors, so an op file can count a big model's FLOPs without running it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
