@@ -64,16 +64,19 @@ def ttl_configs(draw, tiny: bool = False) -> TTLConfig:
     t = draw(st.integers(lo, max(lo, min(max_side, positions // (n * lo * lo)))))
     h = draw(st.integers(lo, max(lo, min(max_side, positions // (n * t * lo)))))
     w = draw(st.integers(lo, max(lo, min(max_side, positions // (n * t * h)))))
-    if training and n * t * h * w < 4:
-        # a batch norm over 2-3 values is ill-conditioned: a small spread of the values is amplified up to
-        # 1/sqrt(eps) = 316x, beyond any multiple of PyTorch's own (then often lucky) error (found: (1, 14, 1, 1, 2))
-        w = max(w, -(-4 // (n * t * h)))
+    layout = draw(st.sampled_from(testing.LAYOUTS))
+    repeats = (n if n > 1 else t) if layout == "expanded" else 1  # an expanded input repeats its samples (frames)
+    if training and n * t * h * w // repeats < 4:
+        # a batch norm over 2-3 distinct values is ill-conditioned: a small spread of the values is amplified up to
+        # 1/sqrt(eps) = 316x, beyond any multiple of PyTorch's own (then often lucky) error (found: (1, 14, 1, 1, 2)
+        # and (3, 1, 1, 2, 1) expanded)
+        w = max(w, -(-4 * repeats // (n * t * h)))
     return TTLConfig(
         shape=(n, c_in, t, h, w),
         branches=branches,
         pool=pool,
         training=training,
-        layout=draw(st.sampled_from(testing.LAYOUTS)),
+        layout=layout,
         dtype=draw(st.sampled_from((torch.float32, torch.float64))),
         threads=draw(st.sampled_from((1, 2))),
         seed=draw(st.integers(0, 2**16)),
