@@ -14,6 +14,7 @@ from .api import PASSES, PRECISIONS, TIMERS, BenchConfig, Case
 OP_MODULES = {
     "ttl": ".bench_ttl",
     "dense_block": ".bench_dense_block",
+    "bn_relu_maxpool": ".bench_bn_relu_maxpool",
     "model": ".bench_model",
     "data": ".bench_data",
     "export": ".bench_export",

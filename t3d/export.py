@@ -122,11 +122,31 @@ def _dense_block_onnx(
     )
 
 
+def _bn_relu_maxpool_onnx(
+    x, bn_weight, bn_bias, running_mean, running_var, kernel_size, stride, padding, training, eps, save_indices,
+    backend, group="",
+):  # fmt: skip
+    """t3d::bn_relu_maxpool (the fused stem) -> BatchNormalization, ReLU, MaxPool; the op's (empty) indices output
+    is not used in inference."""
+    from onnxscript import opset18 as op
+
+    _require_eval(training, "t3d::bn_relu_maxpool")
+    z = op.Relu(op.BatchNormalization(x, bn_weight, bn_bias, running_mean, running_var, epsilon=eps))
+    pads = [int(p) for p in padding]
+    y = op.MaxPool(z, kernel_shape=[int(k) for k in kernel_size], strides=[int(v) for v in stride], pads=pads + pads)
+    empty = op.Constant(value_ints=[])
+    return y, op.Identity(running_mean), op.Identity(running_var), op.Cast(empty, to=6)  # 6: int32
+
+
 def onnx_translation_table() -> dict[Any, Any]:
     """``custom_translation_table`` for ``torch.onnx.export``: the fused ops as standard ONNX (pool-first TTL)."""
     import t3d_kernels  # noqa: F401 - registers the ops
 
-    return {torch.ops.t3d.ttl.default: _ttl_onnx, torch.ops.t3d.dense_block.default: _dense_block_onnx}
+    return {
+        torch.ops.t3d.ttl.default: _ttl_onnx,
+        torch.ops.t3d.dense_block.default: _dense_block_onnx,
+        torch.ops.t3d.bn_relu_maxpool.default: _bn_relu_maxpool_onnx,
+    }
 
 
 STANDARD_DOMAINS = ("", "ai.onnx")

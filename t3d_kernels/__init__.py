@@ -10,18 +10,28 @@ plain-PyTorch ground truth. Architecture: docs/design.md.
 
 from . import reference
 from .backends import BackendError, backends
-from .nn import DenseBlock3d, DenseLayer3d, TemporalTransition, autocast_support, convert_sync_batchnorm, fuse
-from .ops import dense_block, ttl
+from .nn import (
+    BatchNormReLUMaxPool3d,
+    DenseBlock3d,
+    DenseLayer3d,
+    TemporalTransition,
+    autocast_support,
+    convert_sync_batchnorm,
+    fuse,
+)
+from .ops import bn_relu_maxpool, dense_block, ttl
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormReLUMaxPool3d",
     "BackendError",
     "DenseBlock3d",
     "DenseLayer3d",
     "TemporalTransition",
     "autocast_support",
     "backends",
+    "bn_relu_maxpool",
     "convert_sync_batchnorm",
     "dense_block",
     "fuse",

@@ -13,10 +13,12 @@ from torch import nn
 
 from .backends import BackendError, declared, get, op_declaration, resolve
 from .composite import sync
+from .ops.bn_relu_maxpool import bn_relu_maxpool
 from .ops.dense_block import dense_block
 from .ops.ttl import ttl
 
 __all__ = [
+    "BatchNormReLUMaxPool3d",
     "TemporalTransition",
     "DenseLayer3d",
     "DenseBlock3d",
@@ -261,11 +263,109 @@ class DenseBlock3d(_BackendModule):
         )
 
 
+class BatchNormReLUMaxPool3d(nn.BatchNorm3d):
+    """``BatchNorm3d -> ReLU -> MaxPool3d`` (T3D's stem: norm0, relu0, pool0) as one fused op.
+
+    A ``BatchNorm3d`` with the pool's geometry: same parameters, buffers and state_dict keys as the BN it replaces,
+    and it is what BN freezing finds (``isinstance(m, nn.BatchNorm3d)``; its mode is its own ``training`` flag).
+    :func:`fuse` builds it from an ``nn.Sequential`` stem with :meth:`from_modules`. Input (N, C, T, H, W).
+    """
+
+    _op = "bn_relu_maxpool"
+    sync_bn = False
+    process_group: torch.distributed.ProcessGroup | None = None
+
+    def __init__(
+        self,
+        num_features: int,
+        kernel_size: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = (1, 2, 2),
+        padding: int | Sequence[int] = 1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.backend = backend
+
+    backend = _BackendModule.backend
+
+    @classmethod
+    def from_modules(cls, bn: nn.BatchNorm3d, pool: nn.MaxPool3d, backend: str = "auto") -> BatchNormReLUMaxPool3d:
+        """The fused module over ``bn``'s own parameter and buffer tensors (an optimizer built before keeps
+        working); ``pool`` must be a plain max pool (no dilation, floor mode)."""
+        if not isinstance(bn, nn.BatchNorm3d) or not bn.affine or not bn.track_running_stats:
+            raise ValueError(f"bn: expected an affine BatchNorm3d tracking running stats, got {bn!r}")
+        if (
+            not isinstance(pool, nn.MaxPool3d)
+            or pool.ceil_mode
+            or pool.return_indices
+            or pool.dilation not in (1, (1, 1, 1))
+        ):
+            raise ValueError(f"pool: expected a MaxPool3d without dilation, ceil_mode or return_indices, got {pool!r}")
+        stride = pool.stride if pool.stride is not None else pool.kernel_size
+        fused = cls(bn.num_features, pool.kernel_size, stride, pool.padding, bn.eps, bn.momentum, backend)
+        fused.weight, fused.bias = bn.weight, bn.bias  # the same Parameter objects
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(fused, name, getattr(bn, name))
+        fused.train(bn.training)
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        training, momentum = bn_mode(self)
+        return bn_relu_maxpool(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            training=training,
+            momentum=momentum,
+            eps=self.eps,
+            backend=self.backend,
+            process_group=_BackendModule._group(self),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"backend={self._backend!r}"
+        )
+
+
+def _fuse_stems(model: nn.Module, backend: str) -> None:
+    """Replace every ``BatchNorm3d, ReLU, MaxPool3d`` run of children of an ``nn.Sequential`` by the fused module
+    (ReLU and pool become ``nn.Identity``: no parameters, so the state_dict keys do not change)."""
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b, c in zip(names, names[1:], names[2:]):
+            bn, relu, pool = seq._modules[a], seq._modules[b], seq._modules[c]
+            if (
+                type(bn) is nn.BatchNorm3d
+                and bn.affine
+                and bn.track_running_stats
+                and isinstance(relu, nn.ReLU)
+                and isinstance(pool, nn.MaxPool3d)
+                and not pool.ceil_mode
+                and not pool.return_indices
+                and pool.dilation in (1, (1, 1, 1))
+            ):
+                fused = BatchNormReLUMaxPool3d.from_modules(bn, pool, backend)
+                seq._modules[a], seq._modules[b], seq._modules[c] = fused, nn.Identity(), nn.Identity()
+
+
 def fuse(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Switch every TTL and dense block of ``model`` to ``backend`` (default: the fastest for the device), in
-    place, keeping the weights; returns ``model``."""
+    """Switch ``model`` to the fused ops, in place, keeping the weights and the state_dict keys: every TTL and
+    dense block to ``backend`` (default: the fastest for the device), and every ``BatchNorm3d, ReLU, MaxPool3d``
+    run in an ``nn.Sequential`` (T3D's stem) to :class:`BatchNormReLUMaxPool3d`; returns ``model``."""
+    _fuse_stems(model, backend)
     for module in model.modules():
-        if isinstance(module, _BackendModule):
+        if isinstance(module, (_BackendModule, BatchNormReLUMaxPool3d)):
             module.backend = backend
     return model
 
@@ -281,7 +381,8 @@ def autocast_support(
     or op names ("ttl", "t3d::dense_block"). A model without fused modules is supported.
     """
     if isinstance(model_or_ops, nn.Module):
-        uses = [(m._op, m.backend) for m in model_or_ops.modules() if isinstance(m, _BackendModule)]
+        fused = (_BackendModule, BatchNormReLUMaxPool3d)
+        uses = [(m._op, m.backend) for m in model_or_ops.modules() if isinstance(m, fused)]
     else:
         ops = [model_or_ops] if isinstance(model_or_ops, str) else list(model_or_ops)
         uses = [(op_declaration(op).op, "auto") for op in ops]
@@ -303,7 +404,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group: torch.distributed.Pr
     :class:`DenseBlock3d`) hand the group to their op, which all-reduces the BN statistics inside it; every other BN
     module becomes an ``nn.SyncBatchNorm`` sharing its parameters and buffers. Returns the converted model (the same
     object unless ``model`` is itself a BN module). Call before wrapping the model in DDP."""
-    if isinstance(model, _BackendModule):
+    if isinstance(model, (_BackendModule, BatchNormReLUMaxPool3d)):
         model.sync_bn, model.process_group = True, process_group
         return model  # its BN modules belong to the op: they stay nn.BatchNorm3d (state holders)
     if isinstance(model, nn.modules.batchnorm._BatchNorm) and not isinstance(model, nn.SyncBatchNorm):

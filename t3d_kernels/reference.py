@@ -19,6 +19,7 @@ __all__ = [
     "ttl_pool_first",
     "dense_layer",
     "dense_block",
+    "bn_relu_maxpool",
 ]
 
 
@@ -136,3 +137,24 @@ def dense_block(
     for norm1, w1, norm2, w2 in layers:
         features.append(dense_layer(torch.cat(features, 1), norm1, w1, norm2, w2, training, momentum, eps))
     return torch.cat(features, 1)
+
+
+def bn_relu_maxpool(
+    x: torch.Tensor,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    bn_running_mean: torch.Tensor,
+    bn_running_var: torch.Tensor,
+    kernel_size: Sequence[int] = (3, 3, 3),
+    stride: Sequence[int] = (1, 2, 2),
+    padding: Sequence[int] = (1, 1, 1),
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The T3D stem after conv0: ``MaxPool3d(kernel_size, stride, padding)(ReLU(BatchNorm3d(x)))``.
+
+    x: (N, C, T, H, W). Returns (N, C, To, Ho, Wo) with PyTorch's floor-mode pooling sizes.
+    """
+    z = bn_relu(x, bn_weight, bn_bias, bn_running_mean, bn_running_var, training, momentum, eps)
+    return F.max_pool3d(z, kernel_size, stride, padding)

@@ -120,7 +120,11 @@ def test_hmdb51_split_files(tmp_path):
     test, _ = find_records(str(root), "hmdb51", "test", 1)
     assert classes == ["brush_hair", "cartwheel"]
     assert sorted(os.path.basename(r.path) for r in train) == [
-        "brush_hair_0.avi", "brush_hair_1.avi", "cartwheel_0.avi", "cartwheel_1.avi"]
+        "brush_hair_0.avi",
+        "brush_hair_1.avi",
+        "cartwheel_0.avi",
+        "cartwheel_1.avi",
+    ]
     assert [(os.path.basename(r.path), r.label) for r in test] == [("brush_hair_2.avi", 0), ("cartwheel_2.avi", 1)]
     with pytest.raises(ValueError, match="--split: expected one of"):
         find_records(str(root), "hmdb51", "validation", 1)
@@ -163,8 +167,11 @@ def test_bad_arguments_give_clear_errors(synthetic, tmp_path):
         build_dataset(synthetic, format="youtube8m")
     with pytest.raises(FileNotFoundError, match="trainlist02"):
         build_dataset(synthetic, fold=2)
-    with pytest.raises(ValueError, match="--clip: a clip of 32 frames at stride 1 spans 32 frames, longer than the "
-                       r"videos \(longest of .* probed: 20 frames\)"):
+    with pytest.raises(
+        ValueError,
+        match="--clip: a clip of 32 frames at stride 1 spans 32 frames, longer than the "
+        r"videos \(longest of .* probed: 20 frames\)",
+    ):
         build_dataset(synthetic, clip_len=32)
     with pytest.raises(ValueError, match="spans 39 frames"):
         build_dataset(synthetic, clip_len=20, frame_stride=2)

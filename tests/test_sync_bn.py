@@ -23,12 +23,17 @@ def _modules(seed=0):
     torch.manual_seed(seed)
     ttl = tk.TemporalTransition(6, 4, (1, 3))
     block = tk.DenseBlock3d(2, 5, 3, 2)
+    stem = tk.BatchNormReLUMaxPool3d(6)
     with torch.no_grad():  # non-trivial affine parameters: every term of the BN backward counts
-        for m in (ttl, block):
+        for m in (ttl, block, stem):
             for name, p in m.named_parameters():
-                if "norm" in name:
+                if "norm" in name or m is stem:
                     p.copy_(torch.rand(p.shape) + 0.5 if name.endswith("weight") else torch.randn(p.shape) * 0.2)
-    return {"ttl": (ttl, (BATCH, 6, 4, 4, 5)), "dense_block": (block, (BATCH, 5, 3, 4, 4))}
+    return {
+        "ttl": (ttl, (BATCH, 6, 4, 4, 5)),
+        "dense_block": (block, (BATCH, 5, 3, 4, 4)),
+        "bn_relu_maxpool": (stem, (BATCH, 6, 4, 6, 5)),
+    }
 
 
 def _step(module, x, gy):
@@ -73,7 +78,15 @@ def _worker(rank, init, backends, results):
         dist.destroy_process_group()
 
 
-CASES = [("ttl", "composite"), ("ttl", "cpu"), ("ttl", "auto"), ("dense_block", "composite"), ("dense_block", "auto")]
+CASES = [
+    ("ttl", "composite"),
+    ("ttl", "cpu"),
+    ("ttl", "auto"),
+    ("dense_block", "composite"),
+    ("dense_block", "auto"),
+    ("bn_relu_maxpool", "composite"),
+    ("bn_relu_maxpool", "cpu"),
+]
 
 
 def test_two_processes_equal_one_large_batch():

@@ -3,20 +3,22 @@
 PyTorch's CUDA ``max_pool3d`` backward scatters every output's gradient into the input position that won its window
 with atomic adds: where windows overlap (kernel 3, stride 1 in time) the order of the adds, hence the float32 sum,
 changes from run to run, and a resumed run drifts from an uninterrupted one (max weight difference 0.29 after 8
-steps measured on an H100). The backward here is a *gather* instead: each input position sums the gradients of the
-outputs whose saved argmax is that position, visiting the outputs in increasing order. No two threads write the
-same element, so the result is the same on every run; and since PyTorch's CPU kernel also adds in increasing output
-order starting from zero, the result equals it bit for bit (tested).
+steps measured on an H100). The backward here is a *gather* instead
+(``t3d_kernels.composite.pool.max_pool3d_gather_backward``, shared with the fused stem op): each input position
+sums the gradients of the outputs whose saved argmax is that position, visiting the outputs in increasing order. No
+two threads write the same element, so the result is the same on every run; and since PyTorch's CPU kernel also adds
+in increasing output order starting from zero, the result equals it bit for bit (tested).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import product
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from t3d_kernels.composite.pool import max_pool3d_gather_backward
 
 __all__ = ["DeterministicMaxPool3d", "max_pool3d_deterministic"]
 
@@ -26,45 +28,6 @@ def _triple(v: int | Sequence[int], name: str) -> tuple[int, int, int]:
     if len(t) != 3:
         raise ValueError(f"{name}: expected an int or 3 ints, got {v!r}")
     return t  # type: ignore[return-value]
-
-
-def _gather_backward(
-    grad_out: torch.Tensor,
-    indices: torch.Tensor,
-    input_shape: torch.Size,
-    kernel: tuple[int, int, int],
-    stride: tuple[int, int, int],
-    padding: tuple[int, int, int],
-) -> torch.Tensor:
-    """grad of max_pool3d's input (N, C, T, H, W) from grad_out and indices (N, C, T', H', W'; indices flat in T*H*W).
-
-    For a kernel offset k, input position p belongs to the window of output o = (p + pad - k) / stride when that is
-    an integer: the positions with one residue mod the stride, i.e. a strided slice of the input, see a contiguous
-    range of outputs. Visiting the offsets from the last to the first visits each position's outputs in increasing
-    (t', h', w') order, the order of PyTorch's CPU kernel.
-    """
-    size = tuple(input_shape[2:])
-    grad_in = torch.zeros(input_shape, dtype=grad_out.dtype, device=grad_out.device)
-    # outputs outside the grid read as "no gradient, no winner": pad by a kernel on each side
-    pads = [k for k in reversed(kernel) for _ in (0, 1)]
-    g_pad = F.pad(grad_out, pads)
-    i_pad = F.pad(indices, pads, value=-1)
-    flat = torch.arange(size[0] * size[1] * size[2], device=grad_out.device).view(size)
-    for offset in product(*(range(k - 1, -1, -1) for k in kernel)):
-        starts, outs = [], []
-        for d in range(3):
-            first = (offset[d] - padding[d]) % stride[d]  # first input index whose window includes this offset
-            count = len(range(first, size[d], stride[d]))
-            if count == 0:
-                break
-            o_first = (first + padding[d] - offset[d]) // stride[d]
-            starts.append(first)
-            outs.append(slice(o_first + kernel[d], o_first + kernel[d] + count))
-        else:
-            slices = tuple(slice(s, None, st) for s, st in zip(starts, stride))
-            won = i_pad[(..., *outs)] == flat[slices]
-            grad_in[(..., *slices)] += torch.where(won, g_pad[(..., *outs)], 0)
-    return grad_in
 
 
 class _MaxPool3dGather(torch.autograd.Function):
@@ -80,7 +43,12 @@ class _MaxPool3dGather(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         (indices,) = ctx.saved_tensors
         shape, kernel, stride, padding = ctx.geometry
-        return _gather_backward(grad_out.contiguous(), indices, shape, kernel, stride, padding), None, None, None
+        return (
+            max_pool3d_gather_backward(grad_out.contiguous(), indices, shape, kernel, stride, padding),
+            None,
+            None,
+            None,
+        )
 
 
 def max_pool3d_deterministic(

@@ -5,4 +5,5 @@ only, so both the ops (``t3d_kernels.ops``) and the Triton kernels (``t3d_kernel
 - :mod:`.bn`: BN folding, BN(-ReLU) backward and the running-statistics update, once for every op.
 - :mod:`.ttl`: the pool-first TTL (box filter, then stride-2 convs over the shared source).
 - :mod:`.dense_block`: the concat-free dense block over pluggable per-piece kernels.
+- :mod:`.pool`: the fused stem (BN-ReLU-MaxPool3d) and the deterministic (gather) max-pool backward.
 """
