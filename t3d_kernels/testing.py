@@ -14,7 +14,7 @@ device and dtype. Torch only (no test framework).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -245,9 +245,11 @@ def dense_block_input(
 _TTL_CASES = [
     # ((N, C_in, T, H, W), branches, pool, layout, tiny)
     ((2, 5, 7, 9, 5), [(3, 1, 1), (4, 3, 3), (2, 6, 3)], True, "contiguous", False),  # T3D's depths, odd T/H/W
-    ((1, 3, 3, 4, 6), [(3, 1, 1), (2, 4, 3), (1, 7, 5), (2, 2, 1)], True, "channels_last_3d", True),  # T < depth
+    ((1, 3, 3, 4, 6), [(3, 1, 1), (2, 4, 3), (1, 7, 5), (2, 2, 1)], True, "channels_last_3d", False),  # T < depth
+    ((1, 3, 3, 4, 5), [(2, 1, 1), (2, 7, 1), (1, 2, 3)], True, "channels_last_3d", True),  # the same, fewer taps
     ((1, 20, 5, 6, 7), [(50, 1, 1), (17, 5, 3)], True, "contiguous", False),  # more than one vector block
-    ((2, 6, 4, 5, 5), [(3, 1, 1), (4, 3, 3)], False, "non_contiguous", True),  # un-pooled concat
+    ((2, 6, 4, 5, 5), [(3, 1, 1), (4, 3, 3)], False, "non_contiguous", False),  # un-pooled concat
+    ((2, 4, 3, 4, 4), [(2, 1, 1), (3, 3, 3)], False, "non_contiguous", True),  # the same, tiny
     ((1, 9, 2, 2, 3), [(1, 1, 1), (2, 3, 3)], True, "expanded", True),  # the smallest poolable clip
     ((2, 7, 4, 4, 5), [(8, 1, 1), (9, 3, 3), (8, 4, 3)], True, "contiguous", False),  # few positions, many channels
     ((1, 5, 3, 3, 3), [(4, 1, 1), (5, 3, 3)], False, "contiguous", True),  # GEMM path without pooling
@@ -279,7 +281,8 @@ def sample_inputs(
 ) -> Iterator[SampleInput]:
     """The hand-picked sample inputs of ``op`` ("ttl" or "dense_block"), each in every mode of ``training``.
 
-    ``tiny``: only the smallest configurations (for Triton under ``TRITON_INTERPRET=1``).
+    ``tiny``: only the smallest configurations (for Triton under ``TRITON_INTERPRET=1``, whose time grows with the
+    taps of a branch: at most 27).
     """
     common = dict(device=device, dtype=dtype, requires_grad=requires_grad, seed=seed)
     if op == "ttl":
@@ -302,18 +305,23 @@ def _op(op: str):
     return {"ttl": ops.ttl, "dense_block": ops.dense_block}[op]
 
 
-def run(sample: SampleInput, backend: str, steps: int = 1, grad_seed: int = 1) -> dict[str, torch.Tensor]:
-    """Run ``steps`` forward+backward calls of a copy of ``sample`` through ``backend``.
+def run(
+    sample: SampleInput, backend: str, steps: int = 1, grad_seed: int = 1, fn: Callable | None = None
+) -> dict[str, torch.Tensor]:
+    """Run ``steps`` forward+backward calls of a copy of ``sample`` through ``backend`` (or through ``fn``, called
+    as ``fn(*args, **kwargs)``, e.g. another plain-PyTorch formulation of the op).
 
     Returns, by name, "y" and "grad <name>" of every differentiable argument (of the last step, each step with a
     fresh seeded upstream gradient), and every running statistic after all steps. ``sample`` is not modified.
     """
     s = sample.clone()
-    fn = _op(s.op)
+    if fn is None:
+        op = _op(s.op)
+        fn = lambda *args, **kwargs: op(*args, **kwargs, backend=backend)  # noqa: E731
     names, leaves = list(s.differentiable), list(s.differentiable.values())
     out: dict[str, torch.Tensor] = {}
     for step in range(steps):
-        y = fn(*s.args, **s.kwargs, backend=backend)
+        y = fn(*s.args, **s.kwargs)
         out["y"] = y.detach()
         if leaves and y.requires_grad:
             gen = torch.Generator().manual_seed(grad_seed + step)

@@ -41,6 +41,17 @@ def check_input(x, name: str = "x") -> None:
         raise ValueError(f"{name}: expected no empty dimension, got {_describe(x)}")
 
 
+def check_shape_for_mode(x: torch.Tensor, training: bool, pool: bool = False) -> None:
+    """What the reference refuses, refused with the argument named (the fused kernels would return a result: a
+    normalized constant for one value per channel, an empty tensor for a pooled T, H or W of 1)."""
+    if training and x.numel() // x.shape[1] < 2:
+        raise ValueError(
+            f"x: batch norm in training needs more than one value per channel (N*T*H*W >= 2), got {_describe(x)}"
+        )
+    if pool and min(x.shape[2:]) < 2:
+        raise ValueError(f"x: pool=True (2x2x2 average pooling) needs T, H, W >= 2, got {_describe(x)}")
+
+
 def check_bn(prefix: str, x: torch.Tensor, channels: int, *params) -> None:
     for pname, p in zip(("weight", "bias", "running_mean", "running_var"), params):
         check_tensor(f"{prefix}{pname}", p, x, (channels,), bn=True)

@@ -35,7 +35,7 @@ from ..backends import (
 from ..composite import bn, sync
 from ..composite import dense_block as composite_dense_block
 from ..geometry import dense_block_output_channels, layer_channels
-from ._checks import check_dense_block_args
+from ._checks import check_dense_block_args, check_shape_for_mode
 
 __all__ = ["dense_block", "dense_block_output_channels"]
 
@@ -324,6 +324,7 @@ def dense_block(
     """
     autocast = autocast_dtype("dense_block", x)
     check_dense_block_args(x, layers, autocast is not None)
+    check_shape_for_mode(x, training)
     group = sync.group_name(process_group) if training and process_group is not None else ""
     # under autocast the rule casts x (to the autocast dtype, or to float32: the declared fallback)
     dtype = x.dtype if autocast is None else None

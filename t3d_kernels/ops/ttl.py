@@ -31,7 +31,7 @@ from ..backends import (
 from ..composite import bn, sync
 from ..composite import ttl as composite_ttl
 from ..geometry import ttl_output_shape
-from ._checks import check_ttl_args
+from ._checks import check_shape_for_mode, check_ttl_args
 
 __all__ = ["ttl", "ttl_output_shape"]
 
@@ -253,6 +253,7 @@ def ttl(
     """
     autocast = autocast_dtype("ttl", x)
     check_ttl_args(x, bn_weight, bn_bias, running_mean, running_var, weights, autocast is not None)
+    check_shape_for_mode(x, training, pool)
     group = sync.group_name(process_group) if training and process_group is not None else ""
     # under autocast the rule casts x (to the autocast dtype, or to float32: the declared fallback)
     dtype = x.dtype if autocast is None else None
