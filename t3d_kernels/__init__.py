@@ -10,15 +10,8 @@ plain-PyTorch ground truth. Architecture: docs/design.md.
 
 from . import reference
 from .backends import BackendError, backends
-from .nn import (
-    BatchNormReLUMaxPool3d,
-    DenseBlock3d,
-    DenseLayer3d,
-    TemporalTransition,
-    autocast_support,
-    convert_sync_batchnorm,
-    fuse,
-)
+from .convert import autocast_support, convert_sync_batchnorm, fuse
+from .nn import BatchNormReLUMaxPool3d, DenseBlock3d, DenseLayer3d, TemporalTransition
 from .ops import bn_relu_maxpool, dense_block, ttl
 
 __version__ = "0.1.0"

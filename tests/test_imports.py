@@ -6,7 +6,8 @@ test). Layers, from the bottom:
 0. kernels and leaves: ``t3d_kernels.triton``, ``t3d_kernels.composite``, ``t3d_kernels.geometry``,
    ``t3d_kernels._ext``, ``t3d_kernels.reference``
 1. ops and their dispatch: ``t3d_kernels.ops``, ``t3d_kernels.backends``
-2. modules and the public API: ``t3d_kernels.nn``, ``t3d_kernels`` (the package), ``t3d_kernels.testing``
+2. modules and the public API: ``t3d_kernels.nn``, ``t3d_kernels.convert``, ``t3d_kernels`` (the package),
+   ``t3d_kernels.testing``
 3. models and data: ``t3d.models``, ``t3d.data``
 4. everything else of ``t3d``: trainers, CLI, checkpoints, ...
 
@@ -32,6 +33,7 @@ LAYERS = {
     "t3d_kernels.ops": 1,
     "t3d_kernels.backends": 1,
     "t3d_kernels.nn": 2,
+    "t3d_kernels.convert": 2,
     "t3d_kernels.testing": 2,
     "t3d_kernels": 2,
     "t3d.models": 3,
