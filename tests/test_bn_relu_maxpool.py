@@ -21,24 +21,13 @@ from t3d_kernels import reference
 from t3d_kernels.backends import BackendError, resolve
 from t3d_kernels.nn import BatchNormReLUMaxPool3d
 from t3d_kernels.ops.bn_relu_maxpool import bn_relu_maxpool
+from t3d_kernels.testing import backend_device_pairs
 
 EPS32 = torch.finfo(torch.float32).eps
 THOROUGH = os.environ.get("T3D_FUZZ") == "thorough"
 
 
-def _backends() -> list[str]:
-    names = []
-    for name in tk.backends("bn_relu_maxpool"):
-        try:
-            resolve("bn_relu_maxpool", name, torch.device("cpu"))
-        except BackendError:
-            continue
-        if name != "reference":
-            names.append(name)
-    return names
-
-
-BACKENDS = _backends()
+BACKENDS = [name for name, device in backend_device_pairs("bn_relu_maxpool") if device == "cpu"]
 
 
 def make_case(n, c, t, h, w, dtype=torch.float64, seed=0, layout="contiguous"):

@@ -21,7 +21,7 @@ import torch
 import t3d_kernels as tk
 from t3d.models import t3d_tiny
 from t3d_kernels import reference
-from t3d_kernels.backends import BackendError, resolve
+from t3d_kernels.testing import backend_device_pairs
 
 # depth sets whose largest front padding (d-1)//2 is 0, plus two with a depth 3 (front padding 1) as contrast
 DEPTH_SETS = [(1,), (2,), (1, 1), (1, 2), (2, 1), (2, 2), (1, 2, 2), (1, 1, 2, 2), (1, 3), (2, 3)]
@@ -29,16 +29,7 @@ DEPTH_SETS = [(1,), (2,), (1, 1), (1, 2), (2, 1), (2, 2), (1, 2, 2), (1, 1, 2, 2
 
 def _cpu_backends(op: str) -> list[str]:
     """Fused backends of ``op`` that run on CPU tensors in this process (triton only under TRITON_INTERPRET=1)."""
-    names = []
-    for name in tk.backends(op):
-        if name == "reference":
-            continue
-        try:
-            resolve(op, name, torch.device("cpu"))
-        except BackendError:
-            continue
-        names.append(name)
-    return names
+    return [name for name, device in backend_device_pairs(op) if device == "cpu"]
 
 
 def _ttl_case(n, c, t, h, w, depths, kernel, seed):
