@@ -43,7 +43,10 @@ COLUMNS = [
     "measurements",
     "warmup_calls",
     "free_cores",
+    "canary_gflops",
     "speedup",
+    "speedup_lo",
+    "speedup_hi",
     "gflops",
     "pct_roof",
     "roof_gflops",
@@ -75,11 +78,13 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = "float32"
     passes: tuple[str, ...] = PASSES
-    repeats: int = 5
+    repeats: int = 9  # timed rounds (the speed-up's 95% CI of the median: from the 2nd to the 8th of 9 ratios)
     warmup: int = 1  # at least this many untimed calls after the first; more until the times are stable
     max_warmup: int = 20
     stable_tol: float = 0.1  # warm-up ends when the last 3 calls are within 10% of each other
     noise: float = 0.2  # a row is noisy when its IQR exceeds this fraction of its median ...
+    ratio_noise: float = 0.05  # ... or a speed-up's 95% CI reaches further than this fraction from its median ...
+    canary_drop: float = 0.15  # ... or (CPU) the machine ran this fraction below its best speed of the run ...
     remeasure: int = 2  # ... then the whole pass is measured again, at most this many times
     threads: int = 0  # 0: keep torch's default
     paper: bool = False
@@ -152,6 +157,9 @@ class Contender:
     kind: "baseline" (the eager reference, denominator of every ratio), "fused" (our kernels; checked by
         ``--fail-if-slower``), "compile" (torch.compile of the reference) or "other".
     passes: the passes this contender runs (None: all).
+    flops: the forward FLOPs this implementation does (None: the case's, the reference's): the GFLOP/s and % roof
+        columns count it, so an algorithm that skips work (the TTL's pool-first algebra) is judged by the work it
+        does; the speed-up is a time ratio either way.
     """
 
     name: str
@@ -159,6 +167,7 @@ class Contender:
     grad_tensors: Sequence[torch.Tensor] = ()
     kind: str = "other"
     passes: tuple[str, ...] | None = None
+    flops: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in CONTENDER_KINDS:
@@ -170,7 +179,8 @@ class Case:
     """One shape of one op.
 
     label: the shape as shown in tables and plots (short, unique within the op).
-    flops: forward FLOPs of the *reference* (multiply-add = 2), used for every contender's GFLOP/s.
+    flops: forward FLOPs of the *reference* (multiply-add = 2), used for the GFLOP/s of every contender that does
+        not declare its own (:attr:`Contender.flops`).
     build: () -> list[Contender], called when the case runs; may raise :class:`Skip`.
     roof_gemm: (M, K, N) of the sgemm measured as this case's roof (a GEMM of similar size).
     info: extra fields recorded in the JSON (the shape's parameters). Its "batch", or else the first size of its

@@ -192,7 +192,7 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
         Case(
             OP,
             "model on one clip " + "x".join(map(str, CLIP)),
-            model_flops("121", (1, *CLIP)),
+            model_flops("121", (1, *CLIP))[0],
             functools.partial(_model_contenders, cfg),
             (4096, 128 * 27, 128),
             {"batch": 1, "clip": list(CLIP), "clips": 1},

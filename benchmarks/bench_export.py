@@ -95,7 +95,7 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
         Case(
             op=OP,
             label=f"T3D-{arch} {clip[0]}x3x{'x'.join(map(str, clip[1:]))} onnx",
-            flops=model_flops(arch, clip),
+            flops=model_flops(arch, clip)[0],
             build=functools.partial(_contenders, arch, clip, cfg),
             roof_gemm=(4096, 128 * 27, 128),
             info={"arch": arch, "clip": list(clip)},

@@ -60,14 +60,30 @@ def _build_model(arch: str, device: torch.device, dtype: torch.dtype, seed: int)
     return getattr(models, ARCHS[arch])(backend="reference").to(device, dtype)
 
 
-def model_flops(arch: str, clip: tuple[int, int, int, int]) -> float:
-    """Forward FLOPs of the eager model on one clip batch, counted by torch's FlopCounterMode on meta tensors
-    (convolutions and the classifier; BN, pooling and ReLU are not counted)."""
+def model_flops(arch: str, clip: tuple[int, int, int, int]) -> tuple[float, float]:
+    """Forward FLOPs of the model on one clip batch: (eager, fused). The eager count is torch's FlopCounterMode on
+    meta tensors (convolutions and the classifier; BN, pooling and ReLU are not counted); the fused model does the
+    same but evaluates each pooling TTL's convolutions only at its pooled output positions (the pool-first algebra),
+    1/8 of their positions."""
+    from t3d_kernels.nn import TemporalTransition
+
     model = _build_model(arch, torch.device("meta"), torch.float32, 0).eval()
     n, t, h, w = clip
     x = torch.empty(n, 3, t, h, w, device="meta")
+    skipped = []
+
+    def skipped_flops(module: TemporalTransition, inputs: tuple[torch.Tensor, ...]) -> None:
+        if module.pool:
+            n_, _, t_, h_, w_ = inputs[0].shape
+            saved = n_ * t_ * h_ * w_ - n_ * (t_ // 2) * (h_ // 2) * (w_ // 2)
+            skipped.extend(2.0 * saved * b.weight.numel() for b in module.branches)
+
+    hooks = [m.register_forward_pre_hook(skipped_flops) for m in model.modules() if isinstance(m, TemporalTransition)]
     with torch.no_grad():
-        return count_flops(lambda: model(x))
+        eager = count_flops(lambda: model(x))
+    for hook in hooks:
+        hook.remove()
+    return eager, eager - sum(skipped)
 
 
 def _mode_fn(model: torch.nn.Module, x: torch.Tensor, call=None):
@@ -80,7 +96,7 @@ def _mode_fn(model: torch.nn.Module, x: torch.Tensor, call=None):
     return fn
 
 
-def _contenders(arch: str, clip: tuple[int, int, int, int], cfg: BenchConfig) -> list[Contender]:
+def _contenders(arch: str, clip: tuple[int, int, int, int], cfg: BenchConfig, fused_flops: float) -> list[Contender]:
     import t3d_kernels
     from t3d_kernels.backends import BackendError
 
@@ -111,7 +127,7 @@ def _contenders(arch: str, clip: tuple[int, int, int, int], cfg: BenchConfig) ->
         except BackendError:  # e.g. a TTL-only backend asked for: the dense blocks have no such backend
             continue
         label = "fused" if name == "auto" else f"fused[{name}]"
-        contenders.append(Contender(label, _mode_fn(fused, x), params(fused), "fused", MODEL_PASSES))
+        contenders.append(Contender(label, _mode_fn(fused, x), params(fused), "fused", MODEL_PASSES, fused_flops))
     if len(contenders) == (2 if cfg.compile else 1) and cfg.backends is not None:
         raise Skip(f"no fused model for backends {list(cfg.backends)}")
     return contenders
@@ -135,12 +151,13 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
 
         clip_stage_shapes(clip[1:])  # a clip too small for the network is a clear error here
         n, t, h, w = clip
+        eager_flops, fused_flops = model_flops(arch, clip)
         result.append(
             Case(
                 op=OP,
                 label=f"T3D-{arch} {n}x3x{t}x{h}x{w}",
-                flops=model_flops(arch, clip),
-                build=functools.partial(_contenders, arch, clip, cfg),
+                flops=eager_flops,
+                build=functools.partial(_contenders, arch, clip, cfg, fused_flops),
                 # a dense layer's 3x3x3 conv as a GEMM: positions x 128*27 x 32 channels (rows capped)
                 roof_gemm=(4096, 128 * 27, 128),
                 info={

@@ -33,6 +33,7 @@ from .machine import machine_info
 from .options import OP_MODULES, build_parser, compile_smallest_batch, config_from_args
 from .output import kernel_lines, markdown_table, print_table, write_csv, write_json, write_markdown, write_plot
 from .runner import check_fail_if_slower, run_cases
+from .timing import SpeedCanary
 
 
 def shapes_by_op(shape_args: list[str]) -> dict[str, list[str]]:
@@ -196,12 +197,18 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     meta["complete"] = False
     configs = [dataclasses.replace(cfg, precision=p) for p in args.precision]
+    canary = None
+    if cfg.torch_device.type == "cpu":
+        # one canary for the run: each pass is judged against the best speed the run has seen; warmed up first, so
+        # that the first row does not pay for a fresh process (thread pool, clocks, allocator)
+        canary = SpeedCanary(cfg.torch_device)
+        meta["canary_warmup_gflops"] = canary.warm_up()
     try:
         with _progress(console, len(cases) * len(configs)) as (update, advance):
             for case in cases:
                 for run_cfg in configs:
                     update(f"{case.op} {case.label} {run_cfg.precision}")
-                    rows.extend(run_cases([case], run_cfg, progress=update, roofs=roofs))
+                    rows.extend(run_cases([case], run_cfg, progress=update, roofs=roofs, canary=canary))
                     advance()
                     # the rows so far, so that an interrupted run keeps them ("complete": false in its meta)
                     write_json(out / f"bench-{stamp}.json", rows, meta | {"roofs_gflops": roofs})
@@ -214,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
         # still a result
         console.print("interrupted: writing the rows measured so far")
     meta["roofs_gflops"] = roofs
+    meta["canary_best_gflops"] = canary.best if canary is not None else None
     meta["load_avg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     if not args.no_table:

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", default="float32", help="tensor dtype (float32, bfloat16, float16, float64)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median and IQR over them)")
+    p.add_argument(
+        "--repeats", type=int, default=9, help="timed rounds per row (median, IQR and the speed-up's 95%% CI over them)"
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (compiling) call")
     p.add_argument(
         "--time-budget", type=float, default=3.0, help="seconds per row: slow rows use fewer repeats (never below 3)"
@@ -70,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.2,
         help="a row whose IQR exceeds this fraction of its median is measured again, then marked noisy",
+    )
+    p.add_argument(
+        "--ratio-noise",
+        type=float,
+        default=0.05,
+        help="a speed-up whose 95%% confidence interval reaches further than this fraction from its median is "
+        "measured again, then marked noisy",
+    )
+    p.add_argument(
+        "--canary-drop",
+        type=float,
+        default=0.15,
+        help="CPU: a pass during which the machine's speed (a small sgemm before and after it) was more than this "
+        "fraction below the run's best is measured again, then marked noisy",
     )
     p.add_argument("--remeasure", type=int, default=2, help="how many times a noisy pass is measured again")
     p.add_argument(
@@ -190,6 +206,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise ValueError(f"--threads: expected an integer >= 0, got {args.threads}")
     if not args.noise > 0 or args.remeasure < 0:
         raise ValueError(f"--noise / --remeasure: expected > 0 / >= 0, got {args.noise} / {args.remeasure}")
+    if not args.ratio_noise > 0 or not 0 < args.canary_drop < 1:
+        raise ValueError(
+            f"--ratio-noise / --canary-drop: expected > 0 / in (0, 1), got {args.ratio_noise} / {args.canary_drop}"
+        )
     cfg = BenchConfig(
         device=args.device,
         dtype=args.dtype,
@@ -208,6 +228,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         check=args.check,
         max_warmup=args.max_warmup,
         noise=args.noise,
+        ratio_noise=args.ratio_noise,
+        canary_drop=args.canary_drop,
         remeasure=args.remeasure,
         precision=args.precision[0],
         timer=args.timer,

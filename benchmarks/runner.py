@@ -9,17 +9,28 @@ answer). Then, per pass, every contender:
 3. is timed in rounds *interleaved* with the other contenders of the pass, so a disturbance of the machine hits
    them all alike (:func:`benchmarks.timing.interleaved`).
 
-When a row's IQR is more than ``cfg.noise`` of its median, or (on CPU) other processes left fewer free cores than
-the run's threads while the pass was timed (:class:`benchmarks.timing.CpuContention`: a competing process that
-slows every call alike leaves the IQR small), the whole pass is measured again (interleaved, all contenders), at
-most ``cfg.remeasure`` times; a row that stays so is marked ``noisy``, and no speed-up is published from a noisy
-row or against a noisy baseline.
+A row's speed-up is the median over the rounds of baseline ms / contender ms *of the same round* (the two calls
+ran back to back, so a slow drift of the machine cancels in each ratio), with a distribution-free 95% confidence
+interval of that median (``speedup_lo``, ``speedup_hi``).
+
+The whole pass is measured again (interleaved, all contenders), at most ``cfg.remeasure`` times, when
+
+- a row's IQR is more than ``cfg.noise`` of its median,
+- a speed-up's confidence interval reaches more than ``cfg.ratio_noise`` of it on either side,
+- (CPU) other processes left fewer free cores than the run's threads while the pass was timed
+  (:class:`benchmarks.timing.CpuContention`: a competing process that slows every call alike leaves the IQR
+  small), or
+- (CPU) the machine's speed before or after the pass (:class:`benchmarks.timing.SpeedCanary`, a small sgemm) was
+  more than ``cfg.canary_drop`` below the best seen in the run: a neighbour ``/proc/stat`` cannot see.
+
+A row that stays so is marked ``noisy``, and no speed-up is published from a noisy row or against a noisy baseline.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,11 +42,14 @@ from .api import COLUMNS, PASS_FLOP_FACTOR, BenchConfig, Case, Contender, Skip
 from .roof import sgemm_gflops
 from .timing import (
     CpuContention,
+    SpeedCanary,
     Timer,
     Timing,
     cuda_peak_mb,
     interleaved,
     make_timer,
+    median_ci,
+    paired_ratios,
     saved_tensor_bytes,
     top_kernels,
     warm_up,
@@ -55,7 +69,8 @@ def _row(case: Case, pass_: str, contender: Contender | None, cfg: BenchConfig, 
         contender=contender.name if contender else None,
         kind=contender.kind if contender else None,
         status=status,
-        flops=case.flops * PASS_FLOP_FACTOR[pass_],
+        flops=(case.flops if contender is None or contender.flops is None else contender.flops)
+        * PASS_FLOP_FACTOR[pass_],
         batch=case.batch,
         device=cfg.device,
         dtype=cfg.dtype,
@@ -147,6 +162,17 @@ class _Entry:
     first_ms: float = float("nan")
     warm: list[float] = field(default_factory=list)
     timing: Timing | None = None
+    ratios: list[float] = field(default_factory=list)  # baseline ms / this ms, per round (not for the baseline)
+
+    @property
+    def ratio_spread(self) -> float:
+        """How far the speed-up's 95% confidence interval reaches from its median (a fraction of it; 0 without
+        ratios)."""
+        if not self.ratios:
+            return 0.0
+        mid = statistics.median(self.ratios)
+        lo, hi = median_ci(self.ratios)
+        return max(mid - lo, hi - mid) / mid
 
     def fail(self, exc: BaseException) -> None:
         self.row["status"] = _status(exc)
@@ -189,11 +215,21 @@ def _contended(free: float | None) -> bool:
     return free is not None and free < 0.9 * torch.get_num_threads()
 
 
+def _slowed(speed: float | None, canary: SpeedCanary | None, cfg: BenchConfig) -> bool:
+    """The machine ran more than ``cfg.canary_drop`` below its best speed of the run."""
+    return speed is not None and canary is not None and speed < (1.0 - cfg.canary_drop) * canary.best
+
+
 def _measure_pass(
-    entries: list[_Entry], cfg: BenchConfig, timer: Timer, first_ms: dict[str, float], probe: CpuContention | None
+    entries: list[_Entry],
+    cfg: BenchConfig,
+    timer: Timer,
+    first_ms: dict[str, float],
+    probe: CpuContention | None,
+    canary: SpeedCanary | None = None,
 ) -> None:
-    """First call, warm-up until stable, interleaved timed rounds, re-measured while some row is noisy or the
-    machine was contended."""
+    """First call, warm-up until stable, interleaved timed rounds, re-measured while some row or speed-up is noisy
+    or the machine was contended or slowed."""
     live = []
     for e in entries:
         try:
@@ -230,23 +266,30 @@ def _measure_pass(
             failed[i] = exc
             return math.nan
 
+    base = next((i for i, e in enumerate(live) if e.contender.kind == "baseline"), None)
     for attempt in range(1 + max(0, cfg.remeasure)):
+        before = canary() if canary is not None else None
         if probe is not None:
             probe.start()
         samples = interleaved([lambda i=i: timed(i) for i in range(len(live))], repeats)
         free = _free_cores(probe)
+        speed = None if canary is None else min(before, canary())
         for i, e in enumerate(live):
             e.timing = Timing(samples[i], first_call_ms=e.first_ms) if i not in failed else None
-            e.row.update(measurements=attempt + 1, free_cores=free)
-        noisy = any(e.timing is not None and e.timing.iqr_fraction > cfg.noise for e in live)
-        if not noisy and not _contended(free):
+            e.ratios = [] if base is None or i == base else paired_ratios(samples[base], samples[i])
+            e.row.update(measurements=attempt + 1, free_cores=free, canary_gflops=speed)
+        noisy = any(
+            e.timing is not None and (e.timing.iqr_fraction > cfg.noise or e.ratio_spread > cfg.ratio_noise)
+            for e in live
+        )
+        if not noisy and not _contended(free) and not _slowed(speed, canary, cfg):
             break
     for i, e in enumerate(live):
         if i in failed:
             e.fail(failed[i])
 
 
-def _fill(e: _Entry, cfg: BenchConfig, roof: float) -> None:
+def _fill(e: _Entry, cfg: BenchConfig, roof: float, canary: SpeedCanary | None = None) -> None:
     row, timing = e.row, e.timing
     if timing is None or row["status"] != "ok":
         return
@@ -273,6 +316,19 @@ def _fill(e: _Entry, cfg: BenchConfig, roof: float) -> None:
             f"noisy: other processes left {row['free_cores']:.1f} of {os.cpu_count()} cores free for "
             f"{row['threads']} thread(s) in each of {row['measurements']} measurements"
         )
+    elif _slowed(row["canary_gflops"], canary, cfg):
+        row["status"] = (
+            f"noisy: the machine ran at {100 * row['canary_gflops'] / canary.best:.0f}% of its best speed in this run "
+            f"(sgemm canary {row['canary_gflops']:.0f} vs {canary.best:.0f} GFLOP/s; limit "
+            f"{100 * (1 - cfg.canary_drop):.0f}%) in each of {row['measurements']} measurements"
+        )
+    elif e.ratio_spread > cfg.ratio_noise:
+        lo, hi = median_ci(e.ratios)
+        row["status"] = (
+            f"noisy: the speed-up's 95% confidence interval [{lo:.2f}, {hi:.2f}] reaches "
+            f"{100 * e.ratio_spread:.0f}% from its median (limit {100 * cfg.ratio_noise:.0f}%) in each of "
+            f"{row['measurements']} measurements"
+        )
 
 
 def run_cases(
@@ -282,18 +338,24 @@ def run_cases(
     roofs: dict[str, float] | None = None,
     timer: Timer | None = None,
     probe: CpuContention | None = None,
+    canary: SpeedCanary | None = None,
 ) -> list[dict[str, Any]]:
     """Run every case, pass and contender; return one row (dict with :data:`COLUMNS`) each.
 
     A contender that raises gets a row with ``status="error: ..."`` instead of stopping the suite; a case
     whose build raises :class:`Skip` gets one ``status="skipped: ..."`` row per pass. ``progress(msg)`` is called
     after every pass. ``roofs`` (optional) collects the sgemm GFLOP/s per "MxKxN". ``timer`` replaces the timer
-    of ``cfg.timer`` and ``probe`` the CPU-contention probe (default on CPU: :class:`CpuContention` where
-    /proc/stat exists; with an injected timer none unless given): tests inject fakes.
+    of ``cfg.timer``, ``probe`` the CPU-contention probe (default on CPU: :class:`CpuContention` where
+    /proc/stat exists) and ``canary`` the machine-speed canary (default on CPU: a :class:`SpeedCanary`, warmed up
+    here; pass one to share it, and its best speed, over several calls); with an injected timer neither unless given:
+    tests inject fakes.
     """
     device, dtype = cfg.torch_device, cfg.torch_dtype
     if probe is None and timer is None and device.type == "cpu" and CpuContention.available():
         probe = CpuContention()
+    if canary is None and timer is None and device.type == "cpu":
+        canary = SpeedCanary(device)
+        canary.warm_up()
     timer = timer or make_timer(cfg.timer, device)
     roofs = {} if roofs is None else roofs
     rows: list[dict[str, Any]] = []
@@ -332,15 +394,21 @@ def run_cases(
                 if contender.name not in dead:
                     setup, run = pass_runner(contender, pass_, grad_out, cfg)
                     entries.append(_Entry(contender, row, setup, run))
-            _measure_pass(entries, cfg, timer, first_fwd if pass_ == "forward" else {}, probe)
+            _measure_pass(entries, cfg, timer, first_fwd if pass_ == "forward" else {}, probe, canary)
             for e in entries:
-                _fill(e, cfg, roofs[roof_key])
+                _fill(e, cfg, roofs[roof_key], canary)
                 _probe_memory(e, pass_, cfg)
             base = next((r for r in pass_rows if r["kind"] == "baseline"), None)
-            for r in pass_rows:
+            for e in entries:
+                r = e.row
                 # a ratio only between rows measured cleanly: no error, not noisy, within the tolerance
-                if base is not None and base["status"] == "ok" and r["status"] == "ok":
-                    r["speedup"] = base["ms"] / r["ms"]
+                if base is None or base["status"] != "ok" or r["status"] != "ok":
+                    continue
+                if r is base:
+                    r["speedup"] = 1.0
+                elif e.ratios:
+                    r["speedup"] = statistics.median(e.ratios)
+                    r["speedup_lo"], r["speedup_hi"] = median_ci(e.ratios)
             rows.extend(pass_rows)
             if progress:
                 done = ", ".join(f"{r['contender']} {_short(r)}" for r in pass_rows)

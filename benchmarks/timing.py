@@ -158,6 +158,69 @@ class CpuContention:
         return max(0.0, others / wall) if wall > 0 else 0.0
 
 
+def median_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median of ``values``: the order statistics (k, n+1-k) with
+    the largest k such that P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2 (k >= 1: with few values, the smallest
+    and the largest, whose coverage is 1 - 2^(1-n))."""
+    s = sorted(v for v in values if not math.isnan(v))
+    if not s:
+        return math.nan, math.nan
+    n, alpha, k, tail = len(s), (1.0 - confidence) / 2, 1, 0.0
+    while True:  # tail = P(B <= k - 1)
+        tail += math.comb(n, k - 1) / 2**n
+        if k + 1 > (n + 1) // 2 or tail + math.comb(n, k) / 2**n > alpha:
+            break
+        k += 1
+    return s[k - 1], s[n - k]
+
+
+def paired_ratios(base: Sequence[float], other: Sequence[float]) -> list[float]:
+    """``base[r] / other[r]`` of every round ``r`` where both were timed: the speed-up as each round saw it. The
+    two calls of a round ran back to back, so a slow drift of the machine cancels in each ratio."""
+    return [b / o for b, o in zip(base, other, strict=True) if b > 0 and o > 0 and not math.isnan(b + o)]
+
+
+class SpeedCanary:
+    """The machine's compute speed now: the best GFLOP/s of a few small sgemms on the run's threads (about 10 ms
+    each on a 2-core AVX-512 machine). Measured before and after every timed pass and compared with the best seen in
+    the run, it sees what ``/proc/stat`` cannot: a neighbour outside this machine's view (another VM on the same
+    physical cores, the host's throttling) that slows every call alike. ``warm_up()`` once at the start of a run:
+    the thread pool, the clocks and the allocator of a fresh process settle before the first row is timed."""
+
+    def __init__(self, device: torch.device | None = None, size: int = 768, calls: int = 3) -> None:
+        self.device = device or torch.device("cpu")
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        self._a = torch.randn(size, size, generator=gen).to(self.device)
+        self._b = torch.randn(size, size, generator=gen).to(self.device)
+        self._flops = 2.0 * size**3
+        self.calls = calls
+        self.best = 0.0
+
+    def __call__(self) -> float:
+        """GFLOP/s now (the best of ``calls`` sgemms); updates :attr:`best`."""
+        best_ms = math.inf
+        for _ in range(self.calls):
+            sync(self.device)
+            t0 = time.perf_counter()
+            torch.mm(self._a, self._b)
+            sync(self.device)
+            best_ms = min(best_ms, (time.perf_counter() - t0) * 1e3)
+        gflops = self._flops / (best_ms * 1e-3) / 1e9
+        self.best = max(self.best, gflops)
+        return gflops
+
+    def warm_up(self, seconds: float = 1.0, tol: float = 0.05, max_seconds: float = 5.0) -> list[float]:
+        """Measure for at least ``seconds`` and until the last :data:`STABLE_WINDOW` speeds are within ``tol``
+        (at most ``max_seconds``). Returns the speeds."""
+        speeds: list[float] = []
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < max_seconds:
+            speeds.append(self())
+            if time.perf_counter() - t0 >= seconds and stable(speeds, tol):
+                break
+        return speeds
+
+
 def stable(times: Sequence[float], tol: float, window: int = STABLE_WINDOW) -> bool:
     """True when the last ``window`` times are within ``tol`` (a fraction) of each other."""
     last = list(times[-window:])

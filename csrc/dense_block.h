@@ -11,10 +11,19 @@
 // backward(grad_y, y, mean1, var1, mean2, var2, parameters, training, eps) ->
 //   (grad_x, grad_bn1_weight[], grad_bn1_bias[], grad_conv1[], grad_bn2_weight[], grad_bn2_bias[], grad_conv2[])
 // Nothing normalized is saved: BN1-ReLU, conv1 and BN2-ReLU are recomputed from y.
+//
+// Synchronised BN (docs/design.md "Synchronised BatchNorm"; CPU kernels only). In training, a non-empty
+// `merge_stats` is called once per set of channels whose statistics are written (x's channels, then per layer its
+// bottleneck and its new channels) with this process's biased (mean, var) in float64 and returns the group's; a
+// non-empty `reduce_sums` is called once per BN of each layer in backward with the float64 concatenation
+// [sum dy, sum dy * xhat] and returns it summed over the group, and `group_count` is then the group's element count
+// per channel. The parameter gradients stay this process's (DDP averages them), as in nn.SyncBatchNorm. Empty
+// functions: no synchronisation, no extra work.
 #pragma once
 
 #include <torch/extension.h>
 
+#include <functional>
 #include <tuple>
 #include <vector>
 
@@ -23,6 +32,10 @@ namespace t3d {
 using TensorList = std::vector<at::Tensor>;
 using DenseForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using DenseGrads = std::tuple<at::Tensor, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList>;
+// (mean, var) of this process -> the group's (mean, var); float64, one entry per channel
+using StatsMerge = std::function<std::tuple<at::Tensor, at::Tensor>(at::Tensor, at::Tensor)>;
+// float64 sums of this process -> the same sums over the group
+using SumsReduce = std::function<at::Tensor(at::Tensor)>;
 
 void check_dense_block_inputs(const at::Tensor& x, const TensorList& bn1_weight, const TensorList& bn1_bias,
                               const TensorList& conv1_weight, const TensorList& bn2_weight, const TensorList& bn2_bias,
@@ -32,13 +45,14 @@ DenseForward dense_block_forward_cpu(const at::Tensor& x, const TensorList& bn1_
                                      const TensorList& bn1_mean, const TensorList& bn1_var,
                                      const TensorList& conv1_weight, const TensorList& bn2_weight,
                                      const TensorList& bn2_bias, const TensorList& bn2_mean, const TensorList& bn2_var,
-                                     const TensorList& conv2_weight, bool training, double eps);
+                                     const TensorList& conv2_weight, bool training, double eps,
+                                     const StatsMerge& merge_stats = {});
 DenseGrads dense_block_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& mean1,
                                     const at::Tensor& var1, const at::Tensor& mean2, const at::Tensor& var2,
                                     const TensorList& bn1_weight, const TensorList& bn1_bias,
                                     const TensorList& conv1_weight, const TensorList& bn2_weight,
                                     const TensorList& bn2_bias, const TensorList& conv2_weight, bool training,
-                                    double eps);
+                                    double eps, const SumsReduce& reduce_sums = {}, int64_t group_count = 0);
 
 #ifdef WITH_CUDA
 DenseForward dense_block_forward_cuda(const at::Tensor& x, const TensorList& bn1_weight, const TensorList& bn1_bias,

@@ -217,3 +217,79 @@ def test_cpu_contention_probe_reads_this_machine():
     probe.start()
     sum(range(10_000))
     assert probe.stop() >= 0.0
+
+
+class FakeCanary:
+    """A fake machine-speed canary: the GFLOP/s it reads, in turn (the last value repeats); ``best`` as the real
+    one keeps it."""
+
+    def __init__(self, speeds: list[float]):
+        self.speeds, self.best = list(speeds), 0.0
+
+    def __call__(self) -> float:
+        speed = self.speeds.pop(0) if len(self.speeds) > 1 else self.speeds[0]
+        self.best = max(self.best, speed)
+        return speed
+
+
+def test_speed_ratio_is_the_median_of_paired_rounds_with_its_confidence_interval():
+    from benchmarks.timing import median_ci, paired_ratios
+
+    # distribution-free CI of the median: the extremes for few values, then order statistics (2nd..8th of 9)
+    assert median_ci([3.0, 1.0, 2.0]) == (1.0, 3.0)
+    assert median_ci(list(range(1, 10))) == (2, 8) and median_ci(list(range(1, 21))) == (6, 15)
+    assert paired_ratios([10.0, 20.0, float("nan")], [2.0, 5.0, 1.0]) == [5.0, 4.0]
+    machine = FakeMachine({"eager": 10.0, "fused": 2.0})
+    rows = run_cases([_case(machine)], _cfg(repeats=9), timer=machine)
+    fused = next(r for r in rows if r["contender"] == "fused")
+    assert fused["speedup"] == fused["speedup_lo"] == fused["speedup_hi"] == 5.0
+
+
+def test_drift_that_hits_both_contenders_of_a_round_leaves_the_ratio_alone():
+    # the machine slows down by 3x halfway through the rounds, for both contenders alike: each contender's IQR
+    # grows (noisy rows, no ratio by medians) but every round's ratio is still 5
+    class Drift(FakeMachine):
+        def __call__(self, run, setup=None) -> float:
+            ms = super().__call__(run, setup)
+            return ms * (3.0 if len(self.calls) > self.start else 1.0)
+
+    machine = Drift({"eager": 10.0, "fused": 2.0})
+    machine.start = 10**9
+    run_cases([_case(machine)], _cfg(repeats=9), timer=machine)
+    machine.start = len(machine.calls) - 9  # the second half of the 9 rounds of the next run
+    rows = run_cases([_case(machine)], _cfg(repeats=9, noise=10.0, remeasure=0), timer=machine)
+    assert [r["speedup"] for r in rows] == [1.0, 5.0]
+
+
+def test_speed_up_with_a_wide_confidence_interval_is_measured_again_then_marked():
+    # the fused contender is 2x slower in every other call: its IQR stays within a lax --noise, but the ratio's
+    # confidence interval spans 2.5x..5x: measured again, then no ratio
+    machine = FakeMachine({"eager": 10.0, "fused": 2.0}, jitter="fused", slowdown=2.0)
+    rows = run_cases([_case(machine)], _cfg(repeats=9, noise=10.0, remeasure=1), timer=machine)
+    fused = next(r for r in rows if r["contender"] == "fused")
+    assert fused["measurements"] == 2 and fused["speedup"] is None
+    assert fused["status"].startswith("noisy: the speed-up's 95% confidence interval [2.50, 5.00]")
+
+
+def test_machine_slowed_by_an_invisible_neighbour_is_measured_again_then_marked():
+    # /proc/stat sees nothing (no probe), every call is slowed alike (small IQR), but the sgemm canary before and
+    # after the pass reads half the run's best speed: measured again; a clean second measurement is published
+    machine = FakeMachine({"eager": 10.0, "fused": 2.0})
+    canary = FakeCanary([200.0, 100.0, 200.0])
+    rows = run_cases([_case(machine)], _cfg(), timer=machine, canary=canary)
+    assert [(r["status"], r["measurements"], r["speedup"]) for r in rows] == [("ok", 2, 1.0), ("ok", 2, 5.0)]
+    assert rows[0]["canary_gflops"] == 200.0
+    # slowed throughout: noisy rows, no ratio
+    canary = FakeCanary([200.0, 100.0])
+    rows = run_cases([_case(machine)], _cfg(remeasure=1), timer=machine, canary=canary)
+    for r in rows:
+        assert r["status"].startswith("noisy: the machine ran at 50% of its best speed in this run")
+        assert r["speedup"] is None and r["measurements"] == 2
+
+
+def test_speed_canary_reads_this_machine():
+    from benchmarks.timing import SpeedCanary
+
+    canary = SpeedCanary(size=64, calls=2)
+    speeds = canary.warm_up(seconds=0.0, max_seconds=0.5)
+    assert speeds and all(s > 0 for s in speeds) and canary.best == max(speeds)

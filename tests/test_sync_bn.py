@@ -83,6 +83,7 @@ CASES = [
     ("ttl", "cpu"),
     ("ttl", "auto"),
     ("dense_block", "composite"),
+    ("dense_block", "cpu"),
     ("dense_block", "auto"),
     ("bn_relu_maxpool", "composite"),
     ("bn_relu_maxpool", "cpu"),
@@ -114,15 +115,16 @@ def test_two_processes_equal_one_large_batch():
 
 
 def test_group_refused_by_backends_that_cannot_sync():
-    """The C++ dense block reduces its statistics inside its kernels: its declaration refuses a process group and
-    auto takes the composite backend."""
+    """Every fused CPU backend built synchronises, so auto keeps the compiled kernels under a process group; the
+    reference backend (plain BN modules, synchronised by the caller) refuses one."""
     from t3d_kernels.backends import BackendError, resolve
 
     cpu = torch.device("cpu")
-    assert resolve("dense_block", "auto", cpu, torch.float32, group=True) == "composite"
-    assert resolve("ttl", "auto", cpu, torch.float32, group=True) in ("cpu", "composite")
+    for op in ("dense_block", "ttl"):
+        expected = "cpu" if "cpu" in tk.backends(op) else "composite"
+        assert resolve(op, "auto", cpu, torch.float32, group=True) == expected
     with pytest.raises(BackendError, match="no process-group"):
-        resolve("dense_block", "cpu", cpu, torch.float32, group=True)
+        resolve("dense_block", "reference", cpu, torch.float32, group=True)
     with pytest.raises(BackendError, match="no process-group"):
         resolve("ttl", "reference", cpu, torch.float32, group=True)
 

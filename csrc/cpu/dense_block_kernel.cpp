@@ -17,6 +17,9 @@
 //   5. conv1 backward fused with BN1 backward, chunked like the forward: recompute the normalized chunk, grad input
 //      and grad W1 by sgemm, then one pass adds scale*gp to G and the two per-channel sums; the rest of BN1's
 //      backward is an affine correction per channel, added to the pending one (see the header).
+// Synchronised BN (csrc/dense_block.h): the statistics of each set of channels are merged over the group right after
+// they are computed (steps 1 and 3 of the forward), and the two sums of each BN backward (steps 4 and 5) are summed
+// over the group before its affine correction is formed; without a group none of this runs.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -403,6 +406,31 @@ std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& g, const
   return {grad_z, conv_same_grad_weight(g, z, w)};
 }
 
+// Synchronised BN: this process's biased (mean, var) of `channels` channels replaced, in place, by the group's.
+void merge_over_group(const StatsMerge& merge_stats, double* mean, double* var, int64_t channels) {
+  auto opt = at::TensorOptions().dtype(at::kDouble);
+  auto [m, v] = merge_stats(at::from_blob(mean, {channels}, opt).clone(), at::from_blob(var, {channels}, opt).clone());
+  m = m.to(at::kDouble).contiguous();
+  v = v.to(at::kDouble).contiguous();
+  TORCH_CHECK(m.numel() == channels && v.numel() == channels, "merge_stats: expected ", channels,
+              " merged means and variances, got ", m.numel(), " and ", v.numel());
+  std::copy(m.data_ptr<double>(), m.data_ptr<double>() + channels, mean);
+  std::copy(v.data_ptr<double>(), v.data_ptr<double>() + channels, var);
+}
+
+// Synchronised BN: the group's (sum dy, sum dy * xhat) of `channels` channels from this process's.
+void reduce_over_group(const SumsReduce& reduce_sums, const double* sum_g, const double* sum_gx, int64_t channels,
+                       std::vector<double>& group_g, std::vector<double>& group_gx) {
+  auto local = at::empty({2 * channels}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(sum_g, sum_g + channels, local.data_ptr<double>());
+  std::copy(sum_gx, sum_gx + channels, local.data_ptr<double>() + channels);
+  auto total = reduce_sums(local).to(at::kDouble).contiguous();
+  TORCH_CHECK(total.numel() == 2 * channels, "reduce_sums: expected ", 2 * channels, " sums, got ", total.numel());
+  const double* tp = total.data_ptr<double>();
+  group_g.assign(tp, tp + channels);
+  group_gx.assign(tp + channels, tp + 2 * channels);
+}
+
 at::Tensor to_double_cat(const TensorList& list) {
   std::vector<at::Tensor> parts;
   for (const auto& t : list) parts.push_back(t.detach().reshape({-1}).to(at::kDouble));
@@ -413,8 +441,10 @@ template <typename scalar_t>
 DenseForward forward_impl(const at::Tensor& x_in, const TensorList& bn1_weight, const TensorList& bn1_bias,
                           const TensorList& bn1_mean, const TensorList& bn1_var, const TensorList& conv1_weight,
                           const TensorList& bn2_weight, const TensorList& bn2_bias, const TensorList& bn2_mean,
-                          const TensorList& bn2_var, const TensorList& conv2_weight, bool training, double eps) {
+                          const TensorList& bn2_var, const TensorList& conv2_weight, bool training, double eps,
+                          const StatsMerge& merge_stats) {
   const Geometry g = make_geometry(x_in, conv1_weight, conv2_weight);
+  const bool synced = training && bool(merge_stats);
   auto y = at::empty({g.N, g.Ctot, g.T, g.H, g.W}, x_in.options().memory_format(at::MemoryFormat::Contiguous));
   y.narrow(1, 0, g.C0).copy_(x_in);
   scalar_t* yp = y.data_ptr<scalar_t>();
@@ -431,6 +461,7 @@ DenseForward forward_impl(const at::Tensor& x_in, const TensorList& bn1_weight, 
     chan_mean.resize(g.Ctot);
     chan_var.resize(g.Ctot);
     channel_stats(yp, g, 0, g.C0, chan_mean.data(), chan_var.data());
+    if (synced) merge_over_group(merge_stats, chan_mean.data(), chan_var.data(), g.C0);
   } else {
     mean1 = to_double_cat(bn1_mean);
     var1 = to_double_cat(bn1_var);
@@ -457,10 +488,12 @@ DenseForward forward_impl(const at::Tensor& x_in, const TensorList& bn1_weight, 
     bn_relu_conv1x1(yp, g, cin, bn1, w1.data_ptr<scalar_t>(), bott, h.data_ptr<scalar_t>(), pc,
                     training ? &chunk_stats : nullptr);
     if (training) merge_chunk_stats(chunk_stats, g, bott, pc, m2 + g.off2[i], v2 + g.off2[i]);
+    if (synced) merge_over_group(merge_stats, m2 + g.off2[i], v2 + g.off2[i], bott);
     auto bn2 = fold<scalar_t>(bn2_weight[i], bn2_bias[i], m2 + g.off2[i], v2 + g.off2[i], bott, eps);
     bn_relu_apply(h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), g, bott, bn2);
     y.narrow(1, cin, k).copy_(conv_same(h, conv2_weight[i]));
     if (training) channel_stats(yp, g, cin, cin + k, chan_mean.data(), chan_var.data());
+    if (synced) merge_over_group(merge_stats, chan_mean.data() + cin, chan_var.data() + cin, k);
   }
   auto dt = x_in.scalar_type();
   return {y, mean1.to(dt), var1.to(dt), mean2.to(dt), var2.to(dt)};
@@ -471,8 +504,9 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
                          const at::Tensor& var1_in, const at::Tensor& mean2_in, const at::Tensor& var2_in,
                          const TensorList& bn1_weight, const TensorList& bn1_bias, const TensorList& conv1_weight,
                          const TensorList& bn2_weight, const TensorList& bn2_bias, const TensorList& conv2_weight,
-                         bool training, double eps) {
+                         bool training, double eps, const SumsReduce& reduce_sums, int64_t group_count) {
   auto y = y_in.contiguous();
+  const bool synced = training && bool(reduce_sums);
   const int64_t L = static_cast<int64_t>(conv1_weight.size());
   int64_t c0 = y.size(1);
   for (const auto& w : conv2_weight) c0 -= w.size(0);
@@ -491,7 +525,10 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
   const double* v1 = var1.data_ptr<double>();
   const double* m2 = mean2.data_ptr<double>();
   const double* v2 = var2.data_ptr<double>();
-  const double count = double(g.N * g.P);
+  TORCH_CHECK(!synced || group_count >= g.N * g.P, "group_count: expected the process group's elements per channel (",
+              "at least this process's ", g.N * g.P, "), got ", group_count);
+  // elements per channel of the statistics: the group's when synchronised
+  const double count = double(synced ? group_count : g.N * g.P);
   const int64_t threads = at::get_num_threads();
 
   TensorList g_bn1_w(L), g_bn1_b(L), g_conv1(L), g_bn2_w(L), g_bn2_b(L), g_conv2(L);
@@ -528,31 +565,42 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
     auto [grad_z2, grad_w2] = conv_same_backward(gout, z2, conv2_weight[i]);
     grad_z2 = grad_z2.contiguous();
     g_conv2[i] = grad_w2;
-    // 4. BN2 backward, in place: grad_z2 becomes dL/dh
+    // 4. BN2 backward, in place: grad_z2 becomes dL/dh. Unsynchronised, both passes over a channel run while it is
+    // in cache; synchronised, the group's sums of every channel are needed between them.
     std::vector<double> sum_g2(bott), sum_gx2(bott);
     {
       scalar_t* gz = grad_z2.data_ptr<scalar_t>();
       const scalar_t* hp = h.data_ptr<scalar_t>();
+      auto apply = [&](int64_t b, double sg, double sgx) {
+        const scalar_t s = bn2.scale[b], t = bn2.shift[b];
+        double alpha = 0, beta = 0;
+        if (training) dense::bn_backward_affine<double>(s, double(bn2.invstd[b]), bn2.mean[b], sg, sgx, count, alpha,
+                                                        beta);
+        const scalar_t al = scalar_t(alpha), be = scalar_t(beta);
+        for (int64_t n = 0; n < g.N; ++n) {
+          row_bn_backward(gz + (n * bott + b) * g.P, hp + (n * bott + b) * g.P, g.P, s, t, al, be);
+        }
+      };
       at::parallel_for(0, bott, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           const scalar_t s = bn2.scale[b], t = bn2.shift[b];
-          const double mu = bn2.mean[b], inv = double(bn2.invstd[b]);
           double sg = 0, sgx = 0;
           for (int64_t n = 0; n < g.N; ++n) {
             row_masked_sums(gz + (n * bott + b) * g.P, hp + (n * bott + b) * g.P, static_cast<scalar_t*>(nullptr),
-                            g.P, s, t, scalar_t(mu), sg, sgx);
+                            g.P, s, t, scalar_t(bn2.mean[b]), sg, sgx);
           }
-          sgx *= inv;  // sum gp * xhat
           sum_g2[b] = sg;
-          sum_gx2[b] = sgx;
-          double alpha = 0, beta = 0;
-          if (training) dense::bn_backward_affine<double>(s, inv, mu, sg, sgx, count, alpha, beta);
-          const scalar_t al = scalar_t(alpha), be = scalar_t(beta);
-          for (int64_t n = 0; n < g.N; ++n) {
-            row_bn_backward(gz + (n * bott + b) * g.P, hp + (n * bott + b) * g.P, g.P, s, t, al, be);
-          }
+          sum_gx2[b] = sgx * double(bn2.invstd[b]);  // sum gp * xhat
+          if (!synced) apply(b, sum_g2[b], sum_gx2[b]);
         }
       });
+      if (synced) {
+        std::vector<double> group_g, group_gx;
+        reduce_over_group(reduce_sums, sum_g2.data(), sum_gx2.data(), bott, group_g, group_gx);
+        at::parallel_for(0, bott, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b) apply(b, group_g[b], group_gx[b]);
+        });
+      }
     }
     auto dopt = opts.dtype(at::kDouble);
     g_bn2_w[i] = at::from_blob(sum_gx2.data(), {bott}, dopt).to(y.scalar_type(), false, /*copy=*/true);
@@ -602,12 +650,18 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
         sg += sg_acc[t * cin + c];
         sx += sgx_acc[t * cin + c];
       }
-      const double mu = bn1.mean[c], inv = double(bn1.invstd[c]);
       sum_g1[c] = sg;
-      sum_gx1[c] = sx * inv;
-      if (training) {
+      sum_gx1[c] = sx * double(bn1.invstd[c]);
+    }
+    if (training) {
+      std::vector<double> group_g, group_gx;
+      if (synced) reduce_over_group(reduce_sums, sum_g1.data(), sum_gx1.data(), cin, group_g, group_gx);
+      const std::vector<double>& sg = synced ? group_g : sum_g1;
+      const std::vector<double>& sgx = synced ? group_gx : sum_gx1;
+      for (int64_t c = 0; c < cin; ++c) {
         double alpha, beta;
-        dense::bn_backward_affine<double>(bn1.scale[c], inv, mu, sg, sum_gx1[c], count, alpha, beta);
+        dense::bn_backward_affine<double>(bn1.scale[c], double(bn1.invstd[c]), bn1.mean[c], sg[c], sgx[c], count,
+                                          alpha, beta);
         corr_a[c] += alpha;
         corr_b[c] += beta;
       }
@@ -635,7 +689,8 @@ DenseForward dense_block_forward_cpu(const at::Tensor& x, const TensorList& bn1_
                                      const TensorList& bn1_mean, const TensorList& bn1_var,
                                      const TensorList& conv1_weight, const TensorList& bn2_weight,
                                      const TensorList& bn2_bias, const TensorList& bn2_mean, const TensorList& bn2_var,
-                                     const TensorList& conv2_weight, bool training, double eps) {
+                                     const TensorList& conv2_weight, bool training, double eps,
+                                     const StatsMerge& merge_stats) {
   check_dense_block_inputs(x, bn1_weight, bn1_bias, conv1_weight, bn2_weight, bn2_bias, conv2_weight);
   if (!training) {
     TORCH_CHECK(bn1_mean.size() == conv1_weight.size() && bn1_var.size() == conv1_weight.size() &&
@@ -644,7 +699,7 @@ DenseForward dense_block_forward_cpu(const at::Tensor& x, const TensorList& bn1_
   }
   return T3D_DISPATCH_FP32_FP64(x, "x", "CPU dense block kernel", [&] {
     return forward_impl<scalar_t>(x, bn1_weight, bn1_bias, bn1_mean, bn1_var, conv1_weight, bn2_weight, bn2_bias,
-                                  bn2_mean, bn2_var, conv2_weight, training, eps);
+                                  bn2_mean, bn2_var, conv2_weight, training, eps, merge_stats);
   });
 }
 
@@ -653,11 +708,11 @@ DenseGrads dense_block_backward_cpu(const at::Tensor& grad_y, const at::Tensor& 
                                     const TensorList& bn1_weight, const TensorList& bn1_bias,
                                     const TensorList& conv1_weight, const TensorList& bn2_weight,
                                     const TensorList& bn2_bias, const TensorList& conv2_weight, bool training,
-                                    double eps) {
+                                    double eps, const SumsReduce& reduce_sums, int64_t group_count) {
   TORCH_CHECK(grad_y.sizes() == y.sizes(), "grad_y: expected shape ", y.sizes(), ", got ", grad_y.sizes());
   return T3D_DISPATCH_FP32_FP64(y, "y", "CPU dense block kernel", [&] {
     return backward_impl<scalar_t>(grad_y, y, mean1, var1, mean2, var2, bn1_weight, bn1_bias, conv1_weight,
-                                   bn2_weight, bn2_bias, conv2_weight, training, eps);
+                                   bn2_weight, bn2_bias, conv2_weight, training, eps, reduce_sums, group_count);
   });
 }
 

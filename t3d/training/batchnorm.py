@@ -99,7 +99,7 @@ def _fused_modules(model: nn.Module) -> list[str]:
 
 def check_sync_backends(model: nn.Module, device: torch.device) -> None:
     """A ValueError naming the reason when a fused module's backend cannot synchronise its BN on ``device`` (e.g.
-    the compiled ``cpu`` kernels reduce their statistics inside), before training starts rather than at the first
+    the ``reference`` backend leaves its BN modules to the caller), before training starts rather than at the first
     step."""
     for name, m in model.named_modules():
         if isinstance(m, (TemporalTransition, DenseBlock3d)):

@@ -46,13 +46,26 @@ __all__ = ["dense_block", "dense_block_output_channels"]
 # --------------------------------------------------------------------------------------------------------
 
 
-# (no process group: the C++ kernels reduce their statistics inside, so their declaration refuses one)
+# With a process group the C++ kernels call back here once per set of channels whose statistics they write (forward)
+# and once per BN of each layer (backward), and the collectives of composite.sync combine them over the group.
 def _compiled_forward(*args, group=""):
-    return _ext.load().dense_block_forward(*args)
+    if not group:
+        return _ext.load().dense_block_forward(*args)
+    x = args[0]
+    count = x.numel() // x.shape[1]
+    return _ext.load().dense_block_forward(
+        *args, merge_stats=lambda mean, var: sync.merge_stats(mean, var, count, group)
+    )
 
 
 def _compiled_backward(*args, group=""):
-    return _ext.load().dense_block_backward(*args)
+    if not group:
+        return _ext.load().dense_block_backward(*args)
+    y = args[1]
+    total = sync.total_count(y.numel() // y.shape[1], y.device, group)
+    return _ext.load().dense_block_backward(
+        *args, reduce_sums=lambda sums: sync.all_reduce_sums([sums], group)[0], group_count=total
+    )
 
 
 def _triton_forward(*args, group=""):
@@ -89,7 +102,7 @@ declare(
             autocast_dtypes=HALF,
             process_group=True,
         ),
-        Backend("cpu", ("cpu",), _FP, extension_reason("dense_block_forward"), impl=_COMPILED),
+        Backend("cpu", ("cpu",), _FP, extension_reason("dense_block_forward"), impl=_COMPILED, process_group=True),
         Backend("cuda", ("cuda",), _FP, extension_reason("dense_block_forward", cuda=True), impl=_COMPILED),
         Backend(
             "triton",
