@@ -24,6 +24,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# optional dependencies a subcommand may import when it runs, and the extra of t3d-kernels that installs them
+OPTIONAL = {
+    "av": "video",
+    "tqdm": "video",
+    "rich": "video",
+    "matplotlib": "video",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxruntime": "export",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -31,6 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"t3d {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").partition(".")[0]
+        if top not in OPTIONAL:
+            raise
+        extra = OPTIONAL[top]
+        print(
+            f"t3d {args.command}: error: this command needs the optional package {top!r}, which is not installed "
+            f"here; install it with: pip install 't3d-kernels[{extra}]' (or pip install {top})",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import warnings
 
 import numpy as np
@@ -59,6 +60,16 @@ def test_make_synthetic_writes_ucf101_layout(tmp_path, capsys):
     # refuses to write into a non-empty directory
     assert cli_main(["make-synthetic", root]) == 2
     assert "not an empty directory" in capsys.readouterr().err
+
+
+def test_missing_optional_dependency_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    # PyAV absent (None in sys.modules makes `import av` fail as if it were not installed): exit 2, and the message
+    # names the package and the extra that installs it, instead of a traceback
+    monkeypatch.setitem(sys.modules, "av", None)
+    assert cli_main(["make-synthetic", str(tmp_path / "syn")]) == 2
+    err = capsys.readouterr().err
+    assert "t3d make-synthetic: error: this command needs the optional package 'av'" in err
+    assert "pip install 't3d-kernels[video]'" in err
 
 
 def test_synthetic_twins_are_time_reversed(synthetic):

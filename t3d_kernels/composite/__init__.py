@@ -5,5 +5,6 @@ only, so both the ops (``t3d_kernels.ops``) and the Triton kernels (``t3d_kernel
 - :mod:`.bn`: BN folding, BN(-ReLU) backward and the running-statistics update, once for every op.
 - :mod:`.ttl`: the pool-first TTL (box filter, then stride-2 convs over the shared source).
 - :mod:`.dense_block`: the concat-free dense block over pluggable per-piece kernels.
+- :mod:`.conv`: convolution gradients (with the CPU bfloat16 weight-gradient fallback).
 - :mod:`.pool`: the fused stem (BN-ReLU-MaxPool3d) and the deterministic (gather) max-pool backward.
 """

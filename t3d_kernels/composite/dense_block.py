@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..geometry import dense_block_output_channels, layer_channels, same_padding
 from . import bn, sync
+from .conv import conv3d_backward
 
 __all__ = ["CompositeKernels", "algorithm_backward", "algorithm_forward", "backward", "forward"]
 
@@ -71,11 +72,7 @@ class CompositeKernels:
 
     @staticmethod
     def conv_same_backward(grad: torch.Tensor, z: torch.Tensor, w: torch.Tensor):
-        one = [1, 1, 1]
-        grad_z, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad, z, w, None, one, list(same_padding(w)), one, False, [0, 0, 0], 1, [True, True, False]
-        )
-        return grad_z, grad_w
+        return conv3d_backward(grad, z, w, padding=same_padding(w))
 
 
 def _running(stats: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..geometry import ttl_output_shape, ttl_padding
 from .bn import bn_backward, bn_relu, fold_bn
+from .conv import conv3d_backward
 
 __all__ = ["backward", "forward"]
 
@@ -95,8 +96,9 @@ def backward(
         c0 += w.shape[0]
         view = src[:, :, t0:t1, h0:h1, w0:w1]
         # stride-2 weight-gradient conv and stride-2 transposed conv over the shared box-filtered tensor
-        grad_weights.append(torch.nn.grad.conv3d_weight(view, w.shape, gy, stride=stride))
-        grad_src[:, :, t0:t1, h0:h1, w0:w1] += torch.nn.grad.conv3d_input(view.shape, w, gy, stride=stride)
+        grad_view, grad_w = conv3d_backward(gy.to(view.dtype), view, w.to(view.dtype), stride=(stride,) * 3)
+        grad_weights.append(grad_w)
+        grad_src[:, :, t0:t1, h0:h1, w0:w1] += grad_view
     if pool:
         # adjoint of the forward 2-window mean: the backward 2-window mean
         grad_src = F.avg_pool3d(F.pad(grad_src, (1, 1, 1, 1, 1, 1)), 2, stride=1)
