@@ -143,7 +143,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     """How a training run runs, shared by `t3d train` and `t3d transfer`: precision, clipping, checkpoints, resume,
     seed, progress output."""
     p.add_argument(
-        "--amp", default="auto", choices=AMP_CHOICES, help="mixed precision (auto: bf16/fp16 on CUDA, off on CPU)"
+        "--amp",
+        default="auto",
+        choices=AMP_CHOICES,
+        help="mixed precision (auto: bf16/fp16 on CUDA, off on CPU; fp16 always with loss scaling)",
     )
     p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (and each epoch)")

@@ -73,15 +73,13 @@ def judge(
     dtype: torch.dtype,
     reductions: set[str] = frozenset(),
     label: str = "",
-    accuracy: torch.dtype | None = None,
     ulps: float = ULPS_ELSEWHERE,
 ) -> list[str]:
     """Failures of ``got`` (a :func:`t3d_kernels.testing.run` in ``dtype``) against ``exact`` (the float64 reference
     of the same values). ``torch_own``: PyTorch's own float32 computations of those values (the worst one counts);
-    ``reductions``: the names judged against the largest of them; ``accuracy``: the dtype whose bound applies (default
-    ``dtype``); ``ulps``: the op's floor (ULPS)."""
+    ``reductions``: the names judged against the largest of them; ``ulps``: the op's floor (ULPS)."""
     grad_scale = max((max_abs(exact[k]) for k in reductions), default=0.0)
-    factor = 1.0 if (accuracy or dtype) != torch.float64 else 4 * torch.finfo(torch.float64).eps / EPS32
+    factor = 1.0 if dtype != torch.float64 else 4 * torch.finfo(torch.float64).eps / EPS32
     eps = torch.finfo(dtype).eps if dtype in (torch.float16, torch.bfloat16) else EPS32
     failures = []
     for name, ref in exact.items():
@@ -111,7 +109,6 @@ def check_backend(
     device: str,
     dtype: torch.dtype,
     steps: int = 2,
-    accuracy: torch.dtype | None = None,
 ) -> list[str]:
     """Output, every gradient and the running statistics after ``steps`` steps of ``backend`` on ``device`` in
     ``dtype``, against the float64 reference; ``sample`` holds the values (float32 on the CPU)."""
@@ -128,4 +125,4 @@ def check_backend(
         got = testing.run(values.to(device, dtype), backend, steps)
     label = f"{backend} {device} {dtype} {sample.desc}: "
     ulps = ULPS[sample.op] if torch.device(device).type == "cpu" else ULPS_ELSEWHERE
-    return judge(exact, got, torch_own, dtype, parameter_gradients(sample), label, accuracy, ulps)
+    return judge(exact, got, torch_own, dtype, parameter_gradients(sample), label, ulps)

@@ -169,17 +169,111 @@ def test_triton_fp16_training_gradients_interpreted():
         assert (g.double() - r).abs().max() <= 8 * eps16 * r.abs().max()
 
 
-def test_triton_fp16_in_interpreter_subprocess():
-    """Runs the fp16 Triton check above with TRITON_INTERPRET=1 set before triton is imported."""
-    pytest.importorskip("triton")
-    import subprocess
-    import sys
+# ------------------------------------------------------------------------------------------------------------
+# fp16 training with loss scaling (CPU autocast runs fp16 and torch.amp.GradScaler("cpu") scales, as on CUDA)
+# ------------------------------------------------------------------------------------------------------------
 
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    tests = [
-        f"{__file__}::test_triton_fp16_interpreted",
-        f"{__file__}::test_triton_fp16_training_gradients_interpreted",
-    ]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+FP16_STEPS = 6
+
+
+def _fp16_training(model, x, target, fused_type):
+    """FP16_STEPS SGD steps on one batch under fp16 autocast with a GradScaler; checks every step's dtypes.
+
+    Returns (losses, scales, steps taken). ``fused_type``: the module class whose outputs must be float16 (the fused
+    op computed in the autocast dtype, not in a silent float32 fallback), or None to skip that check."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    scaler = torch.amp.GradScaler(x.device.type)
+    dtypes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)) for m in model.modules()
+             if fused_type is not None and isinstance(m, fused_type)]  # fmt: skip
+    losses, scales, taken = [], [], 0
+    for _ in range(FP16_STEPS):
+        with torch.autocast(x.device.type, dtype=torch.float16):
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits, target)
+        assert logits.dtype == torch.float16
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        taken += any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+        losses.append(loss.item())
+        scales.append(scaler.get_scale())
+    for h in hooks:
+        h.remove()
+    assert dtypes and set(dtypes) == {torch.float16} or fused_type is None, dtypes
+    return losses, scales, taken
+
+
+def _check_fp16_run(model, losses, scales, taken):
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    # the scaler halves its scale on each overflowing step and skips it (from its initial 2^16 the first steps may
+    # overflow): most steps must go through, the scale stays a power of two in [1, 2^16]
+    assert taken >= FP16_STEPS - 3, (taken, scales)
+    assert all(1.0 <= s <= 2.0**16 and s == 2.0 ** round(torch.log2(torch.tensor(s)).item()) for s in scales), scales
+    # one fixed batch, a few steps: the loss falls (it would not if the fp16 gradients underflowed or the scaler
+    # skipped everything)
+    assert losses[-1] < losses[0], losses
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.isfinite(p).all(), name
+    for name, b in model.named_buffers():
+        if "running" in name:
+            assert b.dtype == torch.float32 and torch.isfinite(b).all(), name
+
+
+@pytest.mark.parametrize("backend", ["auto", "composite", "cpu"])
+def test_fp16_training_with_loss_scaling_t3d_tiny(backend):
+    """t3d_tiny with fuse(model, backend) trained a few steps under CPU fp16 autocast with a GradScaler: finite,
+    falling loss, a sane scale, fp32 parameters, gradients and running statistics. "auto" and "composite" compute
+    the fused ops in fp16; "cpu" (kernels of float32/float64) computes them in float32, its declared fallback."""
+    from t3d.models import t3d_tiny
+
+    if backend != "auto" and backend not in tk.backends("dense_block"):
+        pytest.skip(f"backend {backend!r} is not built here")
+    torch.manual_seed(0)
+    model = tk.fuse(t3d_tiny(num_classes=3), backend).train()
+    assert tk.autocast_support(model, "cpu", torch.float16) == (True, [])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 32, 32, generator=g)
+    target = torch.tensor([0, 2])
+    fused = None if backend == "cpu" else tk.DenseBlock3d
+    _check_fp16_run(model, *_fp16_training(model, x, target, fused))
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1")
+def test_fp16_training_with_loss_scaling_triton_interpreted():
+    """The Triton dense block and TTL (interpreted, tiny shapes) trained a few steps under fp16 autocast with a
+    GradScaler: their ops compute in fp16 (outputs float16), the rest as for t3d_tiny above."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        tk.DenseBlock3d(2, 4, growth_rate=3, bn_size=2, backend="triton"),
+        tk.TemporalTransition(10, 6, depths=(1, 3), backend="triton"),
+        torch.nn.AdaptiveAvgPool3d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(6, 3),
+    ).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 4, 4, 4, generator=g)
+    target = torch.tensor([1, 2])
+    _check_fp16_run(model, *_fp16_training(model, x, target, (tk.DenseBlock3d, tk.TemporalTransition)))
+
+
+def test_fp16_train_cli_on_cpu(tmp_path):
+    """`t3d train --amp fp16` on a CPU runs with loss scaling: the GradScaler's state is in the checkpoint."""
+    from _synthetic_fixtures import CLIP, make_dataset
+
+    from t3d.checkpoint import load_checkpoint
+    from t3d.cli import main as cli_main
+
+    data = make_dataset(str(tmp_path / "syn"))
+    out = tmp_path / "fp16"
+    argv = ["train", data, "--out", str(out), "--model", "t3d_tiny", "--clip", CLIP, "--batch-size", "4",
+            "--threads", "1", "--no-progress", "--amp", "fp16", "--max-steps", "2", "--workers", "0"]  # fmt: skip
+    assert cli_main(argv) == 0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["scaler"] and ckpt["scaler"]["scale"] > 0, ckpt.get("scaler")
+    assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float32}

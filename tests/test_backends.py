@@ -59,8 +59,9 @@ def test_autocast_support_from_declarations():
     from t3d.models import MODELS
 
     model = MODELS["t3d_tiny"](num_classes=3)
-    ok, reasons = tk.autocast_support(model, "cpu", torch.float16)
-    assert not ok and any("float16 on cpu" in r for r in reasons)
+    assert tk.autocast_support(model, "cpu", torch.float16) == (True, [])  # both half dtypes declared on CPU
+    ok, reasons = tk.autocast_support(model, "cpu", torch.float64)  # a dtype no rule declares
+    assert not ok and any("float64 on cpu" in r for r in reasons)
     # a model on the reference backend runs plain PyTorch ops: autocast's own rules apply
     assert tk.autocast_support(tk.fuse(model, "reference"), "cpu", torch.float16) == (True, [])
     assert tk.autocast_support(torch.nn.Linear(2, 2), "cuda", torch.float16) == (True, [])

@@ -19,9 +19,6 @@ PAIRS = testing.backend_device_pairs("dense_block")
 PAIR_IDS = [f"{b}-{d}" for b, d in PAIRS]
 INTERPRETED = {("triton", "cpu")}  # Triton's interpreter: tiny shapes only
 STEPS = 3  # training steps of the module test before comparing running statistics
-# backends whose kernels compute in float32 whatever the input dtype
-FLOAT32_ONLY = {"triton"}
-F64_PAIRS = [p for p in PAIRS if p[0] not in FLOAT32_ONLY]
 
 
 def _samples(backend, device):
@@ -35,14 +32,11 @@ def test_matches_reference(backend, device, dtype, case):
     samples = _samples(backend, device)
     if case >= len(samples):
         pytest.skip("a larger sample than the Triton interpreter runs")
-    # the triton dense block computes float64 inputs in float32 (found by these tests; reported in issue 11's note):
-    # judged with the float32 bound until its kernels accumulate in float64 or refuse it
-    accuracy = torch.float32 if backend in FLOAT32_ONLY else None
-    failures = check_backend(samples[case], backend, device, dtype, accuracy=accuracy)
+    failures = check_backend(samples[case], backend, device, dtype)
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("backend,device", F64_PAIRS)
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_module_matches_reference_over_steps(backend, device, training):
     """DenseBlock3d on ``backend`` and on the reference, float64: every buffer (running statistics,
@@ -90,7 +84,7 @@ def _op_args(x, spec, training, backend):
     )
 
 
-@pytest.mark.parametrize("backend,device", F64_PAIRS)
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck(backend, device, training):
     from t3d_kernels.ops.dense_block import dense_block

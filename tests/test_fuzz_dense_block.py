@@ -81,12 +81,10 @@ def check(config: DenseConfig, backend: str, device: str) -> None:
         config.shape, config.layers, config.growth, config.bn_size, layout=config.layout, training=config.training,
         seed=config.seed,
     )  # fmt: skip
-    # the triton dense block computes float64 inputs in float32 (tests/test_dense_block.py): fuzzed in float32
-    dtype = torch.float32 if backend == "triton" else config.dtype
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads if backend == "cpu" else threads)
     try:
-        failures = check_backend(sample, backend, device, dtype)
+        failures = check_backend(sample, backend, device, config.dtype)
     finally:
         torch.set_num_threads(threads)
     assert not failures, f"{config}\n" + "\n".join(failures)

@@ -30,8 +30,9 @@ def amp_settings(
     """(autocast enabled, dtype, use GradScaler) for ``amp`` on ``device``.
 
     "auto": bf16 on CUDA where the GPU has it, else fp16 with a GradScaler; off on CPU, and off when ``model``'s
-    fused ops refuse that dtype. An explicit "bf16" (any device) or "fp16" (CUDA only) that the model's fused ops
-    refuse is a ValueError giving their reasons.
+    fused ops refuse that dtype. An explicit "bf16" or "fp16" (any device; fp16 always with a GradScaler, which
+    ``torch.amp.GradScaler("cpu")`` is on a CPU) that the model's fused ops refuse is a ValueError giving their
+    reasons.
     """
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return False, None, False
@@ -39,8 +40,6 @@ def amp_settings(
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ValueError(f"--amp: fp16 autocast needs a CUDA device, got {device}; use bf16 or off")
     refusals = autocast_refusals(model, device.type, dtype)
     if refusals:
         if amp == "auto":

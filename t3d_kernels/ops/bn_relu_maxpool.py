@@ -105,7 +105,7 @@ declare(
     ],
     # on CUDA ATen's pool (reference) until a GPU kernel is measured; composite where determinism is asked for
     auto={"cpu": ("cpu", "composite", "reference"), "default": ("reference", "composite")},
-    autocast={"cpu": (torch.bfloat16,), "cuda": (torch.float16, torch.bfloat16)},
+    autocast={"cpu": (torch.float16, torch.bfloat16), "cuda": (torch.float16, torch.bfloat16)},
 )
 
 

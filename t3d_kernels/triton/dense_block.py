@@ -16,7 +16,7 @@ plugged in.
 
 GEMM precision follows the contender (cuDNN's 1x1x1 convolution): float32 operands in TF32 when
 ``torch.backends.cudnn.allow_tf32`` is set, else IEEE float32; float16/bfloat16 operands (autocast) as they are;
-accumulation always float32 (:mod:`._precision`).
+accumulation float32, except float64 inputs: computed and accumulated in float64 (:mod:`._precision`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..composite.bn import affine_correction
 from ..composite.dense_block import CompositeKernels, algorithm_backward, algorithm_forward
-from ._precision import dot_dtype, precision
+from ._precision import acc_dtype, dot_dtype, precision
 
 __all__ = ["forward", "backward", "TritonKernels"]
 
@@ -41,7 +41,7 @@ _split_override: int | None = None
 
 
 @triton.jit
-def _channel_stats_kernel(x_ptr, part_ptr, P, SPLIT, stride_n, stride_c, BLOCK: tl.constexpr):
+def _channel_stats_kernel(x_ptr, part_ptr, P, SPLIT, stride_n, stride_c, BLOCK: tl.constexpr, ACC: tl.constexpr):
     # one program per (channel, sample, slice of SPLIT positions): its count, mean and M2 (two passes over the
     # slice), merged by the caller (Chan et al.) in float64
     c, n, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -49,16 +49,16 @@ def _channel_stats_kernel(x_ptr, part_ptr, P, SPLIT, stride_n, stride_c, BLOCK: 
     base = x_ptr + n * stride_n + c * stride_c
     p_begin = k * SPLIT
     p_end = tl.minimum(p_begin + SPLIT, P)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=ACC)
     for p0 in range(p_begin, p_end, BLOCK):
         v = tl.load(base + p0 + offs, mask=p0 + offs < p_end, other=0.0)
-        acc += v.to(tl.float32)
-    count = (p_end - p_begin).to(tl.float32)
+        acc += v.to(ACC)
+    count = (p_end - p_begin).to(ACC)
     mean = tl.sum(acc, axis=0) / count
-    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK], dtype=ACC)
     for p0 in range(p_begin, p_end, BLOCK):
         m = p0 + offs < p_end
-        d = tl.where(m, tl.load(base + p0 + offs, mask=m, other=0.0).to(tl.float32) - mean, 0.0)
+        d = tl.where(m, tl.load(base + p0 + offs, mask=m, other=0.0).to(ACC) - mean, 0.0)
         acc2 += d * d
     row = (c * tl.num_programs(1) + n) * tl.num_programs(2) + k
     tl.store(part_ptr + row * 3, count)
@@ -85,11 +85,12 @@ def _bn_relu_conv1x1_kernel(
     BLOCK_P: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid_p, pid_b, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_b = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=ACC)
     for c0 in range(0, C, BLOCK_K):
         offs_c = c0 + tl.arange(0, BLOCK_K)
         mc = offs_c < C
@@ -99,7 +100,7 @@ def _bn_relu_conv1x1_kernel(
         s = tl.load(scale_ptr + offs_c, mask=mc, other=0.0)
         t = tl.load(shift_ptr + offs_c, mask=mc, other=0.0)
         z = tl.where(m, tl.maximum(x * s[:, None] + t[:, None], 0.0), 0.0)
-        acc += tl.dot(w.to(DOT), z.to(DOT), input_precision=PRECISION)
+        acc = tl.dot(w.to(DOT), z.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
     mask = (offs_b[:, None] < B) & (offs_p[None, :] < P)
     ptrs = out_ptr + n * stride_on + offs_b[:, None] * stride_oc + offs_p[None, :]
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -118,7 +119,9 @@ def _bn_relu_kernel(h_ptr, scale_ptr, shift_ptr, out_ptr, C, P, BLOCK: tl.conste
 
 
 @triton.jit
-def _bn_relu_bwd_sums_kernel(g_ptr, h_ptr, scale_ptr, shift_ptr, mean_ptr, part_ptr, C, P, SPLIT, BLOCK: tl.constexpr):
+def _bn_relu_bwd_sums_kernel(
+    g_ptr, h_ptr, scale_ptr, shift_ptr, mean_ptr, part_ptr, C, P, SPLIT, BLOCK: tl.constexpr, ACC: tl.constexpr
+):
     # one program per (channel, sample, slice of SPLIT positions); partial sums reduced by the caller in float64
     c, n, k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     s = tl.load(scale_ptr + c)
@@ -127,15 +130,15 @@ def _bn_relu_bwd_sums_kernel(g_ptr, h_ptr, scale_ptr, shift_ptr, mean_ptr, part_
     offs = tl.arange(0, BLOCK)
     base = (n * C + c) * P
     p_end = tl.minimum(k * SPLIT + SPLIT, P)
-    a1 = tl.zeros([BLOCK], dtype=tl.float32)
-    a2 = tl.zeros([BLOCK], dtype=tl.float32)
+    a1 = tl.zeros([BLOCK], dtype=ACC)
+    a2 = tl.zeros([BLOCK], dtype=ACC)
     for p0 in range(k * SPLIT, p_end, BLOCK):
         m = p0 + offs < p_end
         h = tl.load(h_ptr + base + p0 + offs, mask=m, other=0.0)
         g = tl.load(g_ptr + base + p0 + offs, mask=m, other=0.0)
-        gp = tl.where(m & (h * s + t > 0), g, 0.0)
+        gp = tl.where(m & (h * s + t > 0), g, 0.0).to(ACC)
         a1 += gp
-        a2 += gp * (h - mu)  # centered: sum gp * xhat with no cancelling subtraction
+        a2 += gp * (h.to(ACC) - mu)  # centered: sum gp * xhat with no cancelling subtraction
     row = (c * tl.num_programs(1) + n) * tl.num_programs(2) + k
     tl.store(part_ptr + row * 2, tl.sum(a1, axis=0))
     tl.store(part_ptr + row * 2 + 1, tl.sum(a2, axis=0))
@@ -180,13 +183,14 @@ def _conv1x1_dgrad_kernel(
     BLOCK_P: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid_p, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_c = pid_c * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mc = offs_c < C
     mp = offs_p < P
-    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=ACC)
     for b0 in range(0, B, BLOCK_K):
         offs_b = b0 + tl.arange(0, BLOCK_K)
         mb = offs_b < B
@@ -195,7 +199,7 @@ def _conv1x1_dgrad_kernel(
         gh = tl.load(
             gh_ptr + n * stride_gn + offs_b[:, None] * P + offs_p[None, :], mask=mb[:, None] & mp[None, :], other=0.0
         )
-        acc += tl.dot(wt.to(DOT), gh.to(DOT), input_precision=PRECISION)
+        acc = tl.dot(wt.to(DOT), gh.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
     m = mc[:, None] & mp[None, :]
     x = tl.load(x_ptr + n * stride_xn + offs_c[:, None] * stride_xc + offs_p[None, :], mask=m, other=0.0)
     s = tl.load(scale_ptr + offs_c, mask=mc, other=0.0)
@@ -208,7 +212,7 @@ def _conv1x1_dgrad_kernel(
     prog = n * tl.num_programs(0) + pid_p
     tl.store(psum_ptr + (prog * 2) * C + offs_c, tl.sum(gp, axis=1), mask=mc)
     mu = tl.load(mean_ptr + offs_c, mask=mc, other=0.0)
-    tl.store(psum_ptr + (prog * 2 + 1) * C + offs_c, tl.sum(gp * (x - mu[:, None]), axis=1), mask=mc)
+    tl.store(psum_ptr + (prog * 2 + 1) * C + offs_c, tl.sum(gp * (x.to(ACC) - mu[:, None]), axis=1), mask=mc)
 
 
 @triton.jit
@@ -231,6 +235,7 @@ def _conv1x1_wgrad_kernel(
     BLOCK_P: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     # split-K over the (sample, position block) steps: program k covers steps [k*S, (k+1)*S) and writes its own
     # partial (no atomics; the caller sums the partials in float64)
@@ -243,7 +248,7 @@ def _conv1x1_wgrad_kernel(
     mc = offs_c < C
     s = tl.load(scale_ptr + offs_c, mask=mc, other=0.0)
     t = tl.load(shift_ptr + offs_c, mask=mc, other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
     for step in range(k * STEPS_PER_SPLIT, step_end):
         n = step // blocks_p
         offs_p = (step % blocks_p) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -256,7 +261,7 @@ def _conv1x1_wgrad_kernel(
         m = mp[:, None] & mc[None, :]
         x = tl.load(x_ptr + n * stride_xn + offs_c[None, :] * stride_xc + offs_p[:, None], mask=m, other=0.0)
         z = tl.where(m, tl.maximum(x * s[None, :] + t[None, :], 0.0), 0.0)
-        acc += tl.dot(gh.to(DOT), z.to(DOT), input_precision=PRECISION)
+        acc = tl.dot(gh.to(DOT), z.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
     out = out_ptr + k * B * C + offs_b[:, None] * C + offs_c[None, :]
     tl.store(out, acc, mask=mb[:, None] & mc[None, :])
 
@@ -283,8 +288,9 @@ class TritonKernels(CompositeKernels):
         p, sn, sc = _flat(v)
         split = _split_positions(p)
         slices = triton.cdiv(p, split)
-        part = torch.empty(c, n * slices, 3, device=v.device, dtype=torch.float32)
-        _channel_stats_kernel[(c, n, slices)](v, part, p, split, sn, sc, BLOCK=_BLOCK_STATS)
+        acc, acc_torch = acc_dtype(v.dtype)
+        part = torch.empty(c, n * slices, 3, device=v.device, dtype=acc_torch)
+        _channel_stats_kernel[(c, n, slices)](v, part, p, split, sn, sc, BLOCK=_BLOCK_STATS, ACC=acc)
         part = part.double()
         count, mean_i, m2_i = part[..., 0], part[..., 1], part[..., 2]
         total = count.sum(1)
@@ -317,6 +323,7 @@ class TritonKernels(CompositeKernels):
             BLOCK_P=_BLOCK_P,
             PRECISION=precision(prefix.dtype),
             DOT=dot_dtype(prefix.dtype),
+            ACC=acc_dtype(prefix.dtype)[0],
         )
         return out
 
@@ -336,12 +343,13 @@ class TritonKernels(CompositeKernels):
         n, c = h.shape[:2]
         p = h.numel() // (n * c)
         scale, shift = scale.contiguous(), shift.contiguous()
-        mean32 = mean.to(torch.float32).contiguous()
-        acc = torch.promote_types(h.dtype, torch.float32)
+        acc_tl, acc = acc_dtype(h.dtype)
         split = _split_positions(p)
         slices = triton.cdiv(p, split)
-        part = torch.empty(c, n * slices, 2, device=h.device, dtype=torch.float32)
-        _bn_relu_bwd_sums_kernel[(c, n, slices)](grad_z, h, scale, shift, mean32, part, c, p, split, BLOCK=_BLOCK_STATS)
+        part = torch.empty(c, n * slices, 2, device=h.device, dtype=acc)
+        _bn_relu_bwd_sums_kernel[(c, n, slices)](
+            grad_z, h, scale, shift, mean.to(acc).contiguous(), part, c, p, split, BLOCK=_BLOCK_STATS, ACC=acc_tl
+        )
         sums = part.double().sum(1)
         sum_g = sums[:, 0]
         sum_gx = sums[:, 1] * invstd
@@ -365,14 +373,15 @@ class TritonKernels(CompositeKernels):
             raise ValueError("grad_prefix: expected the layout of prefix")
         scale, shift, w1 = scale.contiguous(), shift.contiguous(), w1.contiguous()
         blocks_p = triton.cdiv(p, _BLOCK_P)
-        psum = torch.zeros(n * blocks_p, 2, c, device=prefix.device, dtype=torch.float32)
+        acc_tl, acc = acc_dtype(prefix.dtype)
+        psum = torch.zeros(n * blocks_p, 2, c, device=prefix.device, dtype=acc)
         _conv1x1_dgrad_kernel[(blocks_p, triton.cdiv(c, _BLOCK_M), n)](
             grad_h,
             w1,
             prefix,
             scale,
             shift,
-            mean.to(torch.float32).contiguous(),
+            mean.to(acc).contiguous(),
             grad_prefix,
             psum,
             c,
@@ -386,6 +395,7 @@ class TritonKernels(CompositeKernels):
             BLOCK_P=_BLOCK_P,
             PRECISION=precision(prefix.dtype),
             DOT=dot_dtype(prefix.dtype),
+            ACC=acc_tl,
         )
         sums = psum.double().sum(0)
         sum_g = sums[0]
@@ -398,7 +408,7 @@ class TritonKernels(CompositeKernels):
             splits = max(1, min(_split_override, steps))
         per_split = triton.cdiv(steps, splits)
         splits = triton.cdiv(steps, per_split)
-        partial = torch.empty(splits, b, c, device=prefix.device, dtype=torch.float32)
+        partial = torch.empty(splits, b, c, device=prefix.device, dtype=acc)
         _conv1x1_wgrad_kernel[(triton.cdiv(b, _BLOCK_M), triton.cdiv(c, _BLOCK_K), splits)](
             grad_h,
             prefix,
@@ -418,6 +428,7 @@ class TritonKernels(CompositeKernels):
             BLOCK_P=_BLOCK_P,
             PRECISION=precision(prefix.dtype),
             DOT=dot_dtype(prefix.dtype),
+            ACC=acc_tl,
         )
         grad_w1 = partial.double().sum(0) if splits > 1 else partial[0]
         return grad_w1.to(prefix.dtype), sum_g, sum_gx
