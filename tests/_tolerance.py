@@ -7,10 +7,10 @@ result's magnitude (ULPS, per op): where PyTorch's float32 result happens to be 
 summation order alone costs that. The floor is what catches a kernel that sums K terms in one float32 chain (error
 ~K*eps*|term|, against ~sqrt(K) for blocked or cascaded sums).
 - ttl on the CPU: 3. Measured (ulp of the result's magnitude beyond twice PyTorch's error): at most 1.7 for the cpu
-  and composite backends over 300 examples of the fuzz suite's strategy per backend (triton, interpreted: see
-  ULPS), and below 0 (within twice PyTorch's own error) at the T3D-121 TTLs. The cpu kernels once summed in one
-  chain and erred 37 ulp of max|y| at K = 13824 (TTL1 of T3D-121) where PyTorch errs 2; blocked, 2-3
-  (test_ttl.py's long reductions keep it so).
+  and composite backends over 300 examples of the fuzz suite's strategy per backend, 0.9 for triton (interpreted,
+  40 tiny examples), and below 0 (within twice PyTorch's own error) for the cpu backend at the T3D-121 TTLs. The
+  cpu kernels once summed in one chain and erred 37 ulp of max|y| at K = 13824 (TTL1 of T3D-121) where PyTorch
+  errs 2; blocked, 2-3 (test_ttl.py's long reductions keep it so).
 - dense_block, and any op on a GPU: 16, set when the TTL's chains needed it and not re-measured there.
 A float64 run gets the float32 bound scaled by eps64/eps32, times 4: the float64 "exact" reference errs as much as
 the backend does, and two summation orders' errors need not scale exactly with the unit roundoff (found: 2x failed
