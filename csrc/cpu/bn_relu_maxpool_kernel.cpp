@@ -19,7 +19,8 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// -DT3D_NO_AVX512 builds the generic path only (to test it on a machine with AVX-512)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(T3D_NO_AVX512)
 #include <immintrin.h>
 #define T3D_POOL_AVX512 1
 #endif
