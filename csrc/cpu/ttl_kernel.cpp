@@ -278,8 +278,12 @@ namespace t3d {
 namespace {
 
 inline bool use_avx512() {
+#ifdef T3D_NO_AVX512  // the generic tile kernels only, to test them on a machine with AVX-512
+  return false;
+#else
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
   return yes;
+#endif
 }
 template <typename T>
 T3D_INLINE void fwd_tile_mv(const T* src, const int64_t* rows, const int64_t* tap_off, int ntaps, int64_t c0,
