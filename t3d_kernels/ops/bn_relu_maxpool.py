@@ -3,11 +3,11 @@
 T3D's stem runs ``conv0 -> norm0 -> relu0 -> pool0``; in eager PyTorch the last three are three memory-bound passes
 that save the ReLU output and int64 pool indices for backward. The cpu kernel reads x once in forward (BN-ReLU is
 monotone per channel, so it pools x itself and sums the batch statistics in the same pass, then applies BN-ReLU to
-the 8x smaller pooled tensor), saves y and int32 indices, and writes grad_x in one pass in backward. Backward is
-deterministic on every backend (no atomics); the ``composite`` backend gathers
-(:func:`t3d_kernels.composite.pool.max_pool3d_gather_backward`), which also gives CUDA a deterministic pool backward:
-under ``torch.use_deterministic_algorithms(True)`` the reference backend (ATen's pool, atomic adds on CUDA) refuses
-CUDA tensors and ``auto`` picks ``composite``.
+the pooled tensor, 4x smaller at the stem's stride (1, 2, 2)), saves y and int32 indices, and writes grad_x once in
+backward (csrc/cpu/bn_relu_maxpool_kernel.cpp). Backward is deterministic on every backend (no atomics); the
+``composite`` backend gathers (:func:`t3d_kernels.composite.pool.max_pool3d_gather_backward`), which also gives CUDA
+a deterministic pool backward: under ``torch.use_deterministic_algorithms(True)`` the reference backend (ATen's
+pool, atomic adds on CUDA) refuses CUDA tensors and ``auto`` picks ``composite``.
 
 Like ``t3d::ttl`` the op is functional: it returns ``(y, mean, var, indices)`` (batch statistics in training, the
 running statistics in eval) and :func:`bn_relu_maxpool` updates the running statistics as ``F.batch_norm`` does.
