@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import torch
@@ -36,3 +38,14 @@ def keep_threads():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def torchrun(cmd: list[str], env: dict[str, str], timeout: float = 400) -> subprocess.CompletedProcess:
+    """Run a torchrun command; once more if a process aborted in gloo's teardown after the run was done (torch 2.13
+    sometimes aborts at interpreter exit with "terminate called without an active exception", after the final
+    barrier and checkpoint: see t3d.distributed.cleanup). Any other failure is returned as it is."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and "done: step" in proc.stdout and "terminate called without an active" in proc.stderr:
+        shutil.rmtree(cmd[cmd.index("--out") + 1])  # a fresh run, not a second log line
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc

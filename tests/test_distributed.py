@@ -15,14 +15,12 @@ mean of the two halves' gradients, and
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
-from _synthetic_fixtures import CLIP, keep_threads, make_dataset
+from _synthetic_fixtures import CLIP, keep_threads, make_dataset, torchrun
 
 from t3d.checkpoint import load_checkpoint
 from t3d.cli import main as cli_main
@@ -57,17 +55,6 @@ def _params(path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if v.is_floating_point()}
 
 
-def _torchrun(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run a torchrun command; once more if a process aborted in gloo's teardown after the run was done (torch 2.13
-    sometimes aborts at interpreter exit with "terminate called without an active exception", after the final
-    barrier and checkpoint: see t3d.distributed.cleanup). Any other failure is returned as it is."""
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    if proc.returncode != 0 and "done: step" in proc.stdout and "terminate called without an active" in proc.stderr:
-        shutil.rmtree(cmd[cmd.index("--out") + 1])  # a fresh run, not a second log line
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    return proc
-
-
 def test_single_process_context(monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
@@ -100,7 +87,7 @@ def test_two_process_gloo_equals_one_process_same_global_batch(tmp_path):
         "--batch-size",
         "4",
     ]
-    proc = _torchrun(cmd, env)
+    proc = torchrun(cmd, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "global batch 8 (2 process(es)" in proc.stdout
     with keep_threads(), warnings.catch_warnings():
@@ -166,7 +153,7 @@ def test_sync_bn_two_processes_equal_one_process_with_the_whole_batch(tmp_path, 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "t3d"]
     cmd += ["train", data, "--out", str(tmp_path / "sync"), *args, "--batch-size", "4", "--sync-bn"]
-    proc = _torchrun(cmd, env)
+    proc = torchrun(cmd, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with keep_threads():
         assert cli_main(["train", data, "--out", str(tmp_path / "one"), *args, "--batch-size", "8"]) == 0

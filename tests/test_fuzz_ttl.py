@@ -119,8 +119,8 @@ FOUND = [
     TTLConfig((2, 1, 2, 6, 6), ((3, 1, 1, 1),), False, True, "contiguous", torch.float32, 1, 11),
     # float64, the composite's BN-weight gradient 10% over twice the eps64/eps32-scaled float32 bound: now 4x
     TTLConfig((4, 13, 7, 5, 8), ((14, 2, 1, 1),), True, False, "non_contiguous", torch.float64, 1, 1774),
-    # the cpu kernel's float32 sums: y 4.7x PyTorch's error (K = 825), a weight gradient 6.5x (294 positions); they
-    # are why the bound has 16 ulp of the result's magnitude, not 2 (tests/_tolerance.py)
+    # the cpu kernel's float32 sums in one chain: y 4.7x PyTorch's error (K = 825), a weight gradient 6.5x (294
+    # positions); now blocked (csrc/cpu/ttl_kernel.cpp, "Summation order"), within tests/_tolerance.py's 3-ulp floor
     TTLConfig(
         (1, 55, 3, 4, 1),
         ((16, 5, 3, 1), (1, 1, 1, 1), (1, 1, 1, 1), (1, 1, 1, 1)),

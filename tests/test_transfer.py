@@ -434,8 +434,9 @@ def test_cli_inflate_transfer_finetune_eval(tmp_path, capsys):
 def test_two_process_gloo_transfer_equals_gradient_accumulation(tmp_path):
     """torchrun, 2 processes x batch 2 == 1 process x batch 2 x 2 accumulation steps, bitwise on every parameter:
     each process draws its negatives among its own clips, exactly as each micro-batch does."""
-    import subprocess
     import sys
+
+    from _synthetic_fixtures import torchrun
 
     from t3d.checkpoint import load_checkpoint
     from t3d.synthetic import make_synthetic
@@ -448,9 +449,7 @@ def test_two_process_gloo_transfer_equals_gradient_accumulation(tmp_path):
     args += "--clip 16x32x32 --batch-size 2 --max-steps 2 --threads 1 --workers 0 --no-progress"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "t3d"]
-    proc = subprocess.run(
-        [*cmd, *args.split(), "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = torchrun([*cmd, *args.split(), "--out", str(tmp_path / "ddp")], env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "global batch 4 (2 process(es)" in proc.stdout
     assert t3d(f"{args} --accum-steps 2 --out {tmp_path}/accum") == 0

@@ -16,6 +16,12 @@
 //      (t%2, h%2, w%2): within a class the same taps land, so a tile of positions shares one tap list and each
 //      position accumulates in registers, no scatter.
 //   5. the box filter's adjoint (a backward 2-window mean), ReLU mask and BN backward (two per-channel sums).
+//
+// Summation order. Every reduction is blocked: a register tile sums one block of about kSumBlock terms from zero,
+// the block results are added into a separate tile, and those tiles (one per kernel call) into the result. One
+// float32 chain over all K terms errs ~K * eps * |term| (the partial sums grow and each add rounds at their size);
+// blocks of B cut that to ~sqrt(K * B) * eps * |term| and cost one tile add per block. Measured at TTL1 of T3D-121
+// (K = 13824 for the 6x3x3 branch): the output's error fell from 38 to ~3 ulp of max|y| (PyTorch's own: 2-5).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -39,6 +45,17 @@ constexpr int kLanes = 64 / sizeof(T);  // one 64-byte vector (an AVX-512 regist
 // register tile: MR rows x NV vectors
 constexpr int MR = 8;  // must match kAvxMR/kAvxNV of cpu/ttl_tiles_avx512.h
 constexpr int NV = 3;
+
+// terms a register tile sums before its block result is added into a separate tile ("Summation order")
+constexpr int64_t kSumBlock = 128;
+
+// forward: input channels per block for a call over `ntaps` taps (whole 64-byte rows of float32 channels)
+T3D_INLINE int64_t fwd_block_channels(int ntaps) {
+  const int64_t c = (kSumBlock + ntaps - 1) / ntaps;
+  return (c + 15) / 16 * 16;
+}
+// source gradient: taps per block for a branch of `cout` output channels
+T3D_INLINE int dgrad_block_taps(int64_t cout) { return (int)std::max<int64_t>(1, kSumBlock / (2 * cout)); }
 
 struct Branch {
   int64_t cout, depth, kh, kw;
@@ -188,43 +205,67 @@ template <typename T>
 void fwd_tile_generic(const T* src, const int64_t* rows, const int64_t* tap_off, int ntaps, int64_t c0, int64_t cb,
                       const T* const* wtap, T* acc, int64_t ld, int mr_valid, bool first) {
   constexpr int NR = NV * kLanes<T>;
-  T a[MR][NR];
-  for (int r = 0; r < MR; ++r)
-    for (int k = 0; k < NR; ++k) a[r][k] = (first || r >= mr_valid) ? T(0) : acc[r * ld + k];
-  for (int j = 0; j < ntaps; ++j) {
-    const T* w = wtap[j] + c0 * NR;
-    for (int64_t c = 0; c < cb; ++c, w += NR)
-      for (int r = 0; r < MR; ++r) {
-        const T s = src[rows[r] + tap_off[j] + c0 + c];
-        for (int k = 0; k < NR; ++k) a[r][k] += s * w[k];
-      }
+  T part[MR][NR], a[MR][NR];
+  const int64_t kc = fwd_block_channels(ntaps);
+  for (int64_t cs = 0; cs < cb; cs += kc) {
+    const int64_t ce = std::min(cb, cs + kc);
+    for (int r = 0; r < MR; ++r)
+      for (int k = 0; k < NR; ++k) a[r][k] = T(0);
+    for (int j = 0; j < ntaps; ++j) {
+      const T* w = wtap[j] + (c0 + cs) * NR;
+      for (int64_t c = cs; c < ce; ++c, w += NR)
+        for (int r = 0; r < MR; ++r) {
+          const T s = src[rows[r] + tap_off[j] + c0 + c];
+          for (int k = 0; k < NR; ++k) a[r][k] += s * w[k];
+        }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int k = 0; k < NR; ++k) part[r][k] = cs == 0 ? a[r][k] : part[r][k] + a[r][k];
   }
   for (int r = 0; r < mr_valid; ++r)
-    for (int k = 0; k < NR; ++k) acc[r * ld + k] = a[r][k];
+    for (int k = 0; k < NR; ++k) acc[r * ld + k] = first ? part[r][k] : acc[r * ld + k] + part[r][k];
 }
 
 // weight gradient: acc[r][k] += sum_p src[rows[p] + off + r] * gy[p*ldg + k]   (r: input channel, k: output channel)
 template <typename T>
 void wgrad_tile_generic(const T* src, const int64_t* rows, int64_t np, int64_t off, const T* gy, int64_t ldg, T* acc) {
   constexpr int NR = NV * kLanes<T>;
-  for (int64_t p = 0; p < np; ++p) {
-    const T* ps = src + rows[p] + off;
-    const T* pg = gy + p * ldg;
+  T part[MR][NR], a[MR][NR];
+  for (int64_t ps0 = 0; ps0 < np; ps0 += kSumBlock) {
     for (int r = 0; r < MR; ++r)
-      for (int k = 0; k < NR; ++k) acc[r * NR + k] += ps[r] * pg[k];
+      for (int k = 0; k < NR; ++k) a[r][k] = T(0);
+    for (int64_t p = ps0; p < std::min(np, ps0 + kSumBlock); ++p) {
+      const T* ps = src + rows[p] + off;
+      const T* pg = gy + p * ldg;
+      for (int r = 0; r < MR; ++r)
+        for (int k = 0; k < NR; ++k) a[r][k] += ps[r] * pg[k];
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int k = 0; k < NR; ++k) part[r][k] = ps0 == 0 ? a[r][k] : part[r][k] + a[r][k];
   }
+  if (np > 0)
+    for (int r = 0; r < MR; ++r)
+      for (int k = 0; k < NR; ++k) acc[r * NR + k] += part[r][k];
 }
 
 // source gradient: acc[r][k] += sum over (tap j, o) of tap_rows[j][r][o] * wt[j][o][k]   (k: input channel)
 template <typename T>
 void dgrad_tile_generic(const T* const* tap_rows, const T* const* wt, int ntaps, int64_t cout, T* acc) {
   constexpr int NR = NV * kLanes<T>;
-  for (int j = 0; j < ntaps; ++j) {
-    const T* const* p = tap_rows + j * MR;
-    const T* w = wt[j];
-    for (int64_t o = 0; o < cout; ++o, w += NR)
-      for (int r = 0; r < MR; ++r)
-        for (int k = 0; k < NR; ++k) acc[r * NR + k] += p[r][o] * w[k];
+  T a[MR][NR];
+  const int group = dgrad_block_taps(cout);
+  for (int j0 = 0; j0 < ntaps; j0 += group) {
+    for (int r = 0; r < MR; ++r)
+      for (int k = 0; k < NR; ++k) a[r][k] = T(0);
+    for (int j = j0; j < std::min(ntaps, j0 + group); ++j) {
+      const T* const* p = tap_rows + j * MR;
+      const T* w = wt[j];
+      for (int64_t o = 0; o < cout; ++o, w += NR)
+        for (int r = 0; r < MR; ++r)
+          for (int k = 0; k < NR; ++k) a[r][k] += p[r][o] * w[k];
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int k = 0; k < NR; ++k) acc[r * NR + k] += a[r][k];
   }
 }
 
@@ -559,75 +600,164 @@ void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vect
 // ---------------------------------------------------------------------------------------------------------
 // 5. box adjoint + ReLU mask + BN backward
 // ---------------------------------------------------------------------------------------------------------
+// Per (sample, frame) plane and block of 16 channels (64 bytes of a source row): the box filter's adjoint into a
+// channel-major block (16 x H*W, in L1/L2), then per channel one contiguous row of the plane through the ReLU mask
+// and the BN sums (vectorized row kernels below). A plane's two source frames stay in L2 across its channel blocks
+// (tasks of (sample, channel block) sweeping the frames in order read each line once but were 1.5x slower: strided
+// misses); nothing of the plane's size is written but grad_x. Measured at TTL1 of T3D-121, 1 thread: 28 -> 9 ms.
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define T3D_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define T3D_CLONES
+#endif
+typedef float v16f __attribute__((vector_size(64)));
+
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+
+// ReLU mask and BN backward of one row: g = relu'(x * sc + sh) * gz; out = training ? g : g * sc; sums of g and
+// g * (x - mu), in blocks of kSumBlock ("Summation order")
+T3D_CLONES void row_bn_backward(const float* x, const float* gz, float* out, int64_t len, float sc, float sh, float mu,
+                                bool training, float& sum_g, float& sum_gx) {
+  const v16f scv = v16f{} + sc, shv = v16f{} + sh, muv = v16f{} + mu, zero = v16f{};
+  const v16f outk = v16f{} + (training ? 1.0f : sc);
+  float tg = 0, tgx = 0;
+  int64_t j = 0;
+  while (j + 16 <= len) {
+    const int64_t end = std::min(len, j + 16 * kSumBlock);
+    v16f ag = v16f{}, agx = v16f{};
+    for (; j + 16 <= end; j += 16) {
+      const v16f xv = load16(x + j);
+      const v16f gv = xv * scv + shv > zero ? load16(gz + j) : zero;
+      ag += gv;
+      agx += gv * (xv - muv);
+      store16(out + j, gv * outk);
+    }
+    float bg = 0, bgx = 0;
+    for (int i = 0; i < 16; ++i) bg += ag[i], bgx += agx[i];
+    tg += bg, tgx += bgx;
+  }
+  float rg = 0, rgx = 0;
+  for (; j < len; ++j) {
+    const float gv = x[j] * sc + sh > 0.0f ? gz[j] : 0.0f;
+    rg += gv;
+    rgx += gv * (x[j] - mu);
+    out[j] = training ? gv : gv * sc;
+  }
+  sum_g += tg + rg;
+  sum_gx += tgx + rgx;
+}
+template <typename T>
+void row_bn_backward(const T* x, const T* gz, T* out, int64_t len, T sc, T sh, T mu, bool training, T& sum_g,
+                     T& sum_gx) {
+  T tg = 0, tgx = 0;
+  for (int64_t j0 = 0; j0 < len; j0 += kSumBlock) {
+    T bg = 0, bgx = 0;
+    for (int64_t j = j0; j < std::min(len, j0 + kSumBlock); ++j) {
+      const T gv = x[j] * sc + sh > T(0) ? gz[j] : T(0);
+      bg += gv;
+      bgx += gv * (x[j] - mu);
+      out[j] = training ? gv : gv * sc;
+    }
+    tg += bg, tgx += bgx;
+  }
+  sum_g += tg, sum_gx += tgx;
+}
+
+// the training-mode correction of one row: g = sc * g + kx * x + k0
+T3D_CLONES void row_bn_correct(const float* x, float* g, int64_t len, float sc, float kx, float k0) {
+  const v16f scv = v16f{} + sc, kxv = v16f{} + kx, k0v = v16f{} + k0;
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) store16(g + j, scv * load16(g + j) + kxv * load16(x + j) + k0v);
+  for (; j < len; ++j) g[j] = sc * g[j] + kx * x[j] + k0;
+}
+template <typename T>
+void row_bn_correct(const T* x, T* g, int64_t len, T sc, T kx, T k0) {
+  for (int64_t j = 0; j < len; ++j) g[j] = sc * g[j] + kx * x[j] + k0;
+}
+
+// a strided (h, w) plane of a channel, as a contiguous row: gathered into / scattered out of `buf` unless it is one
+bool plane_is_row(const int64_t* s, const TtlGeometry& g) {
+  return s[4] == 1 && (s[3] == g.W || g.H == 1);
+}
 
 template <typename T>
 void input_grad(const T* gsrc, const at::Tensor& x, const Problem& pb, const T* scale, const T* shift,
                 const T* mean, const T* invstd, bool training, at::Tensor& grad_x, T* sum_g, T* sum_gx) {
   const TtlGeometry& g = pb.g;
-  const int64_t C = pb.C;
+  const int64_t C = pb.C, hw = g.H * g.W;
+  constexpr int64_t CB = 16;
   const T* xp = x.data_ptr<T>();
   T* gp = grad_x.data_ptr<T>();
   const int64_t xs[5] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
   const int64_t gs[5] = {grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3), grad_x.stride(4)};
+  const bool x_row = plane_is_row(xs, g), g_row = plane_is_row(gs, g);
   const int nthreads = at::get_num_threads();
   std::vector<T> partial(2 * C * nthreads, T(0));
   const int64_t plane = g.Hs * g.Ws * C;
   at::parallel_for(0, pb.N * g.T, 1, [&](int64_t begin, int64_t end) {
     T* psum_g = partial.data() + 2 * C * at::get_thread_num();
     T* psum_gx = psum_g + C;
-    std::vector<T> tsum(plane), gz(g.H * g.W * C), gzt(g.H * g.W * C);
+    std::vector<T> tsum(g.Hs * g.Ws * CB), gzt(CB * hw), xrow(x_row ? 0 : hw), grow(g_row ? 0 : hw);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t n = idx / g.T, t = idx % g.T;
       const int64_t ut = t + g.front;
       const T* base = gsrc + n * g.Ts * plane;
-      if (g.pool) {  // adjoint of the forward 2-window mean: source frames ut-1 and ut
-        std::fill(tsum.begin(), tsum.end(), T(0));
-        for (int64_t ts = ut - 1; ts <= ut; ++ts) {
-          if (ts < 0 || ts >= g.Ts) continue;
-          const T* pl = base + ts * plane;
-          for (int64_t i = 0; i < plane; ++i) tsum[i] += pl[i];
+      for (int64_t c0 = 0; c0 < C; c0 += CB) {
+        const int64_t cn = std::min(CB, C - c0);
+        // the box adjoint of channels [c0, c0 + cn), channel-major: gzt[cc][h * W + w]
+        if (g.pool) {  // the adjoint of the 2-window mean: source frames ut-1 and ut, rows uh-1, uh, columns uw-1, uw
+          const T* f1 = base + ut * plane + c0;
+          const T* f0 = ut >= 1 ? base + (ut - 1) * plane + c0 : nullptr;
+          for (int64_t q = 0; q < g.Hs * g.Ws; ++q) {
+            T* d = tsum.data() + q * CB;
+            for (int64_t cc = 0; cc < cn; ++cc) d[cc] = f1[q * C + cc] + (f0 ? f0[q * C + cc] : T(0));
+          }
+          for (int64_t h = 0; h < g.H; ++h)
+            for (int64_t w = 0; w < g.W; ++w) {
+              const int64_t uh = h + g.ph, uw = w + g.pw;
+              T v[CB] = {};
+              for (int64_t hs = uh - 1; hs <= uh; ++hs)
+                for (int64_t ws = uw - 1; ws <= uw; ++ws) {
+                  if (hs < 0 || ws < 0) continue;  // hs <= Hs - 1 and ws <= Ws - 1 always
+                  const T* pi = tsum.data() + (hs * g.Ws + ws) * CB;
+                  for (int64_t cc = 0; cc < CB; ++cc) v[cc] += pi[cc];
+                }
+              for (int64_t cc = 0; cc < cn; ++cc) gzt[cc * hw + h * g.W + w] = v[cc] * box_weight<T>();
+            }
+        } else {
+          const T* pl = base + ut * plane + c0;
+          for (int64_t h = 0; h < g.H; ++h)
+            for (int64_t w = 0; w < g.W; ++w) {
+              const T* pi = pl + ((h + g.ph) * g.Ws + w + g.pw) * C;
+              for (int64_t cc = 0; cc < cn; ++cc) gzt[cc * hw + h * g.W + w] = pi[cc];
+            }
         }
-        for (int64_t h = 0; h < g.H; ++h)
-          for (int64_t w = 0; w < g.W; ++w) {
-            T* po = gz.data() + (h * g.W + w) * C;
-            std::fill(po, po + C, T(0));
-            const int64_t uh = h + g.ph, uw = w + g.pw;
-            for (int64_t hs = uh - 1; hs <= uh; ++hs)
-              for (int64_t ws = uw - 1; ws <= uw; ++ws) {
-                if (hs < 0 || hs >= g.Hs || ws < 0 || ws >= g.Ws) continue;
-                const T* pi = tsum.data() + (hs * g.Ws + ws) * C;
-                for (int64_t c = 0; c < C; ++c) po[c] += pi[c];
-              }
-            for (int64_t c = 0; c < C; ++c) po[c] *= box_weight<T>();
+        // ReLU mask, BN backward sums; in eval the final gradient directly
+        for (int64_t cc = 0; cc < cn; ++cc) {
+          const int64_t c = c0 + cc;
+          const T* px = xp + n * xs[0] + c * xs[1] + t * xs[2];
+          T* pg = gp + n * gs[0] + c * gs[1] + t * gs[2];
+          const T* xr = px;
+          if (!x_row) {
+            for (int64_t h = 0; h < g.H; ++h)
+              for (int64_t w = 0; w < g.W; ++w) xrow[h * g.W + w] = px[h * xs[3] + w * xs[4]];
+            xr = xrow.data();
           }
-      } else {
-        const T* pl = base + ut * plane;
-        for (int64_t h = 0; h < g.H; ++h)
-          std::memcpy(gz.data() + h * g.W * C, pl + ((h + g.ph) * g.Ws + g.pw) * C, g.W * C * sizeof(T));
-      }
-      // channel-major copy of the plane (16-channel blocks), so the per-channel loop below reads it contiguously
-      const int64_t hw = g.H * g.W;
-      for (int64_t c0 = 0; c0 < C; c0 += 16) {
-        const int64_t cn = std::min<int64_t>(16, C - c0);
-        for (int64_t q = 0; q < hw; ++q)
-          for (int64_t cc = 0; cc < cn; ++cc) gzt[(c0 + cc) * hw + q] = gz[q * C + c0 + cc];
-      }
-      // ReLU mask, BN backward sums; in eval the final gradient directly
-      for (int64_t c = 0; c < C; ++c) {
-        const T sc = scale[c], sh = shift[c], mu = mean[c], is = invstd[c];
-        const T* px = xp + n * xs[0] + c * xs[1] + t * xs[2];
-        T* pg = gp + n * gs[0] + c * gs[1] + t * gs[2];
-        T acc_g = 0, acc_gx = 0;
-        for (int64_t h = 0; h < g.H; ++h)
-          for (int64_t w = 0; w < g.W; ++w) {
-            const T xv = px[h * xs[3] + w * xs[4]];
-            const T gv = (xv * sc + sh > T(0)) ? gzt[c * hw + h * g.W + w] : T(0);
-            acc_g += gv;
-            acc_gx += gv * (xv - mu) * is;
-            pg[h * gs[3] + w * gs[4]] = training ? gv : gv * sc;
-          }
-        psum_g[c] += acc_g;
-        psum_gx[c] += acc_gx;
+          T* gr = g_row ? pg : grow.data();
+          T acc_g = 0, acc_gx = 0;
+          row_bn_backward(xr, gzt.data() + cc * hw, gr, hw, scale[c], shift[c], mean[c], training, acc_g, acc_gx);
+          if (!g_row)
+            for (int64_t h = 0; h < g.H; ++h)
+              for (int64_t w = 0; w < g.W; ++w) pg[h * gs[3] + w * gs[4]] = grow[h * g.W + w];
+          psum_g[c] += acc_g;
+          psum_gx[c] += acc_gx * invstd[c];
+        }
       }
     }
   });
@@ -639,20 +769,30 @@ void input_grad(const T* gsrc, const at::Tensor& x, const Problem& pb, const T* 
   if (!training) return;
   // grad_x = scale * (g - sum_g/count - xhat * sum_gx/count): an affine map of (g, x) per channel
   const T count = T(pb.N * g.T * g.H * g.W);
-  at::parallel_for(0, pb.N * C, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, pb.N * C * g.T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> xrow(x_row ? 0 : hw), grow(g_row ? 0 : hw);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / C, c = i % C;
+      const int64_t n = i / (C * g.T), c = (i / g.T) % C, t = i % g.T;
       const T sc = scale[c], is = invstd[c];
       const T k_x = -sc * is * sum_gx[c] / count;
       const T k_0 = -sc * sum_g[c] / count - k_x * mean[c];
-      const T* px = xp + n * xs[0] + c * xs[1];
-      T* pg = gp + n * gs[0] + c * gs[1];
-      for (int64_t t = 0; t < g.T; ++t)
+      const T* px = xp + n * xs[0] + c * xs[1] + t * xs[2];
+      T* pg = gp + n * gs[0] + c * gs[1] + t * gs[2];
+      const T* xr = px;
+      if (!x_row) {
         for (int64_t h = 0; h < g.H; ++h)
-          for (int64_t w = 0; w < g.W; ++w) {
-            T& gv = pg[t * gs[2] + h * gs[3] + w * gs[4]];
-            gv = sc * gv + k_x * px[t * xs[2] + h * xs[3] + w * xs[4]] + k_0;
-          }
+          for (int64_t w = 0; w < g.W; ++w) xrow[h * g.W + w] = px[h * xs[3] + w * xs[4]];
+        xr = xrow.data();
+      }
+      if (g_row) {
+        row_bn_correct(xr, pg, hw, sc, k_x, k_0);
+      } else {
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t w = 0; w < g.W; ++w) grow[h * g.W + w] = pg[h * gs[3] + w * gs[4]];
+        row_bn_correct(xr, grow.data(), hw, sc, k_x, k_0);
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t w = 0; w < g.W; ++w) pg[h * gs[3] + w * gs[4]] = grow[h * g.W + w];
+      }
     }
   });
 }
@@ -786,7 +926,7 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
     }
     const std::vector<int64_t> rows = output_rows(pb);
     const bool gemm_path = use_gemm_path(pb);
-    auto gsrc = gemm_path ? at::zeros_like(src) : at::empty_like(src);
+    at::Tensor gsrc = gemm_path ? at::zeros_like(src) : at::Tensor();
     if (gemm_path) {  // 3 + 4 for few positions: gW = gy^T im2col(src), gsrc += col2im(gy W)
       for (size_t bi = 0; bi < pb.branches.size(); ++bi) {
         const Branch& b = pb.branches[bi];
@@ -848,7 +988,12 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
       grad_weights.push_back(gw);
     }
     // 4. gradient of the source tensor
-    if (!gemm_path) source_grad<T>(gy_cl.data(), ldg, pb, ws, gsrc.data_ptr<T>());
+    // the source gradient overwrites every element and nothing reads the source after the weight gradients: it
+    // takes the source's memory (no second tensor of that size, and no page faults of a fresh one)
+    if (!gemm_path) {
+      gsrc = src;
+      source_grad<T>(gy_cl.data(), ldg, pb, ws, gsrc.data_ptr<T>());
+    }
     src.reset();
     // 5. box adjoint, ReLU mask, BN backward
     std::vector<T> sum_g(pb.C, T(0)), sum_gx(pb.C, T(0));
