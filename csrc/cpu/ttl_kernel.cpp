@@ -49,11 +49,6 @@ constexpr int NV = 3;
 // terms a register tile sums before its block result is added into a separate tile ("Summation order")
 constexpr int64_t kSumBlock = 128;
 
-// forward: input channels per block for a call over `ntaps` taps (whole 64-byte rows of float32 channels)
-T3D_INLINE int64_t fwd_block_channels(int ntaps) {
-  const int64_t c = (kSumBlock + ntaps - 1) / ntaps;
-  return (c + 15) / 16 * 16;
-}
 // source gradient: taps per block for a branch of `cout` output channels
 T3D_INLINE int dgrad_block_taps(int64_t cout) { return (int)std::max<int64_t>(1, kSumBlock / (2 * cout)); }
 
@@ -206,22 +201,21 @@ void fwd_tile_generic(const T* src, const int64_t* rows, const int64_t* tap_off,
                       const T* const* wtap, T* acc, int64_t ld, int mr_valid, bool first) {
   constexpr int NR = NV * kLanes<T>;
   T part[MR][NR], a[MR][NR];
-  const int64_t kc = fwd_block_channels(ntaps);
-  for (int64_t cs = 0; cs < cb; cs += kc) {
-    const int64_t ce = std::min(cb, cs + kc);
-    for (int r = 0; r < MR; ++r)
-      for (int k = 0; k < NR; ++k) a[r][k] = T(0);
-    for (int j = 0; j < ntaps; ++j) {
+  bool empty = true;
+  for (int j = 0; j < ntaps; ++j)
+    for (int64_t cs = 0; cs < cb; cs += kSumBlock) {  // blocks of one tap x kSumBlock channels
+      for (int r = 0; r < MR; ++r)
+        for (int k = 0; k < NR; ++k) a[r][k] = T(0);
       const T* w = wtap[j] + (c0 + cs) * NR;
-      for (int64_t c = cs; c < ce; ++c, w += NR)
+      for (int64_t c = cs; c < std::min(cb, cs + kSumBlock); ++c, w += NR)
         for (int r = 0; r < MR; ++r) {
           const T s = src[rows[r] + tap_off[j] + c0 + c];
           for (int k = 0; k < NR; ++k) a[r][k] += s * w[k];
         }
+      for (int r = 0; r < MR; ++r)
+        for (int k = 0; k < NR; ++k) part[r][k] = empty ? a[r][k] : part[r][k] + a[r][k];
+      empty = false;
     }
-    for (int r = 0; r < MR; ++r)
-      for (int k = 0; k < NR; ++k) part[r][k] = cs == 0 ? a[r][k] : part[r][k] + a[r][k];
-  }
   for (int r = 0; r < mr_valid; ++r)
     for (int k = 0; k < NR; ++k) acc[r * ld + k] = first ? part[r][k] : acc[r * ld + k] + part[r][k];
 }

@@ -36,16 +36,16 @@ T3D_AVX512 void fwd_tile_avx512(const float* src, const int64_t* rows, const int
                                 bool first) {
   constexpr int NR = kAvxNV * 16;
   alignas(64) float part[kAvxMR * NR];
-  const int64_t kc = fwd_block_channels(ntaps);
-  for (int64_t cs = 0; cs < cb; cs += kc) {
-    const int64_t ce = std::min(cb, cs + kc);
-    __m512 a[kAvxMR][kAvxNV];
-    T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) T3D_UNROLL for (int v = 0; v < kAvxNV; ++v) a[r][v] =
-        _mm512_setzero_ps();
-    for (int j = 0; j < ntaps; ++j) {
-      const float* p[kAvxMR];
-      T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) p[r] = src + rows[r] + tap_off[j] + c0;
-      const float* w = wtap[j] + (c0 + cs) * NR;
+  bool empty = true;
+  for (int j = 0; j < ntaps; ++j) {
+    const float* p[kAvxMR];
+    T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) p[r] = src + rows[r] + tap_off[j] + c0;
+    const float* w = wtap[j] + c0 * NR;
+    for (int64_t cs = 0; cs < cb; cs += kSumBlock) {  // blocks of one tap x kSumBlock channels
+      const int64_t ce = std::min(cb, cs + kSumBlock);
+      __m512 a[kAvxMR][kAvxNV];
+      T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) T3D_UNROLL for (int v = 0; v < kAvxNV; ++v) a[r][v] =
+          _mm512_setzero_ps();
       for (int64_t c = cs; c < ce; ++c, w += NR) {
         const __m512 b0 = _mm512_loadu_ps(w), b1 = _mm512_loadu_ps(w + 16), b2 = _mm512_loadu_ps(w + 32);
         T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) {
@@ -55,8 +55,9 @@ T3D_AVX512 void fwd_tile_avx512(const float* src, const int64_t* rows, const int
           a[r][2] = _mm512_fmadd_ps(s, b2, a[r][2]);
         }
       }
+      add_tile_avx512(a, part, NR, kAvxMR, empty);
+      empty = false;
     }
-    add_tile_avx512(a, part, NR, kAvxMR, cs == 0);
   }
   for (int r = 0; r < mr_valid; ++r)
     T3D_UNROLL for (int v = 0; v < kAvxNV; ++v) {
