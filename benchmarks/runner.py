@@ -165,13 +165,20 @@ class _Entry:
     ratios: list[float] = field(default_factory=list)  # baseline ms / this ms, per round (not for the baseline)
 
     @property
+    def speedup(self) -> tuple[float, float, float] | None:
+        """(median, lo, hi) of the round ratios: the speed-up and its 95% confidence interval (None without
+        ratios)."""
+        if not self.ratios:
+            return None
+        return (statistics.median(self.ratios), *median_ci(self.ratios))
+
+    @property
     def ratio_spread(self) -> float:
         """How far the speed-up's 95% confidence interval reaches from its median (a fraction of it; 0 without
         ratios)."""
-        if not self.ratios:
+        if self.speedup is None:
             return 0.0
-        mid = statistics.median(self.ratios)
-        lo, hi = median_ci(self.ratios)
+        mid, lo, hi = self.speedup
         return max(mid - lo, hi - mid) / mid
 
     def fail(self, exc: BaseException) -> None:
@@ -323,7 +330,7 @@ def _fill(e: _Entry, cfg: BenchConfig, roof: float, canary: SpeedCanary | None =
             f"{100 * (1 - cfg.canary_drop):.0f}%) in each of {row['measurements']} measurements"
         )
     elif e.ratio_spread > cfg.ratio_noise:
-        lo, hi = median_ci(e.ratios)
+        _, lo, hi = e.speedup
         row["status"] = (
             f"noisy: the speed-up's 95% confidence interval [{lo:.2f}, {hi:.2f}] reaches "
             f"{100 * e.ratio_spread:.0f}% from its median (limit {100 * cfg.ratio_noise:.0f}%) in each of "
@@ -406,9 +413,8 @@ def run_cases(
                     continue
                 if r is base:
                     r["speedup"] = 1.0
-                elif e.ratios:
-                    r["speedup"] = statistics.median(e.ratios)
-                    r["speedup_lo"], r["speedup_hi"] = median_ci(e.ratios)
+                elif e.speedup is not None:
+                    r["speedup"], r["speedup_lo"], r["speedup_hi"] = e.speedup
             rows.extend(pass_rows)
             if progress:
                 done = ", ".join(f"{r['contender']} {_short(r)}" for r in pass_rows)
