@@ -1037,6 +1037,28 @@ std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ws) {
   return out;
 }
 
+// The source tensor src (N, Ts, Hs, Ws, C) is the op's largest temporary (23 MB at T3D-121's TTL1, batch 1), and
+// not a result: a fresh one per call costs a page fault per 4 KiB on first touch (4.7k faults, ~3-5 ms of TTL1's
+// ~17 ms 2-thread forward, and most of its call-to-call spread: faulting threads serialise on the address-space
+// lock). It lives in a per-thread buffer kept between calls instead. Forward and backward on one thread use it
+// one after the other, never at once (CPU autograd runs a backward on the thread that calls it). Buffers above
+// kMaxWorkspaceBytes are not kept (a huge batch does not pin its memory after the call).
+constexpr int64_t kMaxWorkspaceBytes = int64_t(1) << 30;
+
+at::Tensor source_workspace(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  thread_local at::Tensor buffer;  // bytes, grown on demand
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
+  if (bytes > kMaxWorkspaceBytes) return at::empty(sizes, opts);
+  if (!buffer.defined() || buffer.numel() < bytes) {
+    buffer.reset();  // free the old one before the larger one is allocated
+    buffer = at::empty({bytes}, opts.dtype(at::kByte));
+  }
+  // a view of the buffer's storage: it stays valid for the call even if a later call on this thread grows the buffer
+  return buffer.narrow(0, 0, bytes).view(c10::typeMetaToScalarType(opts.dtype())).view(sizes);
+}
+
 void check_cpu_dtype(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "x: the cpu backend of ttl expects float32 or float64, got ", x.scalar_type());
@@ -1093,7 +1115,7 @@ at::Tensor ttl_forward_cpu(const at::Tensor& x, const at::Tensor& bn_weight, con
     const Problem pb = make_problem(x, ws, pool, NV * kLanes<scalar_t>);
     std::vector<scalar_t> scale, shift, invstd;
     folded_bn<scalar_t>(bn_weight, bn_bias, mean, var, eps, scale, shift, invstd);
-    auto src = at::empty({pb.N, pb.g.Ts, pb.g.Hs, pb.g.Ws, pb.C}, x.options());
+    auto src = source_workspace({pb.N, pb.g.Ts, pb.g.Hs, pb.g.Ws, pb.C}, x.options());
     build_source<scalar_t>(x, scale.data(), shift.data(), pb, src.data_ptr<scalar_t>());
     y = empty_huge({pb.N, pb.C_out, pb.g.To, pb.g.Ho, pb.g.Wo}, x.options());
     if (use_gemm_path(pb))
@@ -1127,7 +1149,7 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
                 grad_y.sizes());
     std::vector<T> scale, shift, invstd;
     folded_bn<T>(bn_weight, bn_bias, mean, var, eps, scale, shift, invstd);
-    auto src = at::empty({pb.N, g.Ts, g.Hs, g.Ws, pb.C}, x.options());
+    auto src = source_workspace({pb.N, g.Ts, g.Hs, g.Ws, pb.C}, x.options());
     build_source<T>(x, scale.data(), shift.data(), pb, src.data_ptr<T>());
     const T* srcp = src.data_ptr<T>();
     // gy channels-last with NR zero columns of slack so full-width vector loads stay in bounds
