@@ -34,6 +34,7 @@ bench: setup
 
 lint: setup
 	$(PY) -m ruff check t3d_kernels t3d benchmarks tests
+	$(PY) -m ruff format --check t3d_kernels t3d benchmarks tests
 
 # compile every .cu against torch's headers (object files only: a CPU torch cannot link or run them)
 cuda-check: setup

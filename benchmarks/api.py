@@ -183,6 +183,8 @@ class Case:
         not declare its own (:attr:`Contender.flops`).
     build: () -> list[Contender], called when the case runs; may raise :class:`Skip`.
     roof_gemm: (M, K, N) of the sgemm measured as this case's roof (a GEMM of similar size).
+    roof_conv: (C_in, C_out, k, T, H, W) of a vendor conv3d (k x k x k, 'same', batch 2) also measured; the
+        case's roof is then the faster of the two (:func:`benchmarks.roof.conv3d_gflops`).
     info: extra fields recorded in the JSON (the shape's parameters). Its "batch", or else the first size of its
         "input" (or "clip"), is the case's batch size.
     tolerance: largest relative error of a contender's forward output vs the baseline's (None: the run's
@@ -196,6 +198,7 @@ class Case:
     flops: float
     build: Callable[[], list[Contender]]
     roof_gemm: tuple[int, int, int] = (2048, 2048, 256)
+    roof_conv: tuple[int, int, int, int, int, int] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     tolerance: float | None = None
     compile: bool = True  # keep its "compile" contenders (the CLI compiles only the smallest batch by default)

@@ -108,6 +108,8 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
                 build=functools.partial(_contenders, shape, layers, cfg),
                 # the 3x3x3 conv of a layer as one GEMM: positions x B*27 x k (positions capped)
                 roof_gemm=(min(n * t * h * w, 4096), BN_SIZE * GROWTH * 27, GROWTH),
+                # and the vendor's own rate on that conv (MKL's sgemm of N = 32 runs far below oneDNN's conv)
+                roof_conv=(BN_SIZE * GROWTH, GROWTH, 3, t, h, w),
                 info={"input": list(shape), "layers": layers, "growth": GROWTH, "bn_size": BN_SIZE},
             )
         )

@@ -160,6 +160,8 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
                 build=functools.partial(_contenders, arch, clip, cfg, fused_flops),
                 # a dense layer's 3x3x3 conv as a GEMM: positions x 128*27 x 32 channels (rows capped)
                 roof_gemm=(4096, 128 * 27, 128),
+                # and the vendor's rate on the first dense block's 3x3x3 conv (most of the model's FLOPs)
+                roof_conv=(128, 32, 3, *clip_stage_shapes(clip[1:])[1][1]),
                 info={
                     "arch": arch,
                     "clip": list(clip),

@@ -132,6 +132,8 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
                 # the TTL's 3x3x3 conv as one GEMM (positions x C_in*27 x all output channels; positions capped:
                 # the rate no longer grows beyond a few thousand rows)
                 roof_gemm=(min(n * t * h * w, 4096), c * 27, out),
+                # and oneDNN's / cuDNN's own rate on that conv (faster than MKL's sgemm on AMD CPUs)
+                roof_conv=(c, out, 3, t, h, w),
                 info={"input": list(shape), "depths": list(depths), "out_channels": out},
             )
         )

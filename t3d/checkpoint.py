@@ -173,9 +173,7 @@ def load_model_weights(
         raise ValueError(f"--init: {name!r}: {exc}") from exc
     prefixes = tuple(reinit_prefixes)
     own = model.state_dict()
-    reinit = sorted(
-        k for k in own if k.startswith(prefixes) and (k not in state or state[k].shape != own[k].shape)
-    )
+    reinit = sorted(k for k in own if k.startswith(prefixes) and (k not in state or state[k].shape != own[k].shape))
     state = {k: v for k, v in state.items() if k not in reinit}
     missing = sorted(set(own) - set(state) - set(reinit))
     unexpected = sorted(set(state) - set(own))

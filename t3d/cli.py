@@ -11,8 +11,16 @@ import importlib
 import sys
 
 # modules providing subcommands; a module that is absent (e.g. a missing optional dependency) is skipped
-SUBCOMMAND_MODULES = ["t3d.info", "t3d.inflate", "t3d.synthetic", "t3d.train", "t3d.evaluate", "t3d.transfer",
-                       "t3d.predict", "t3d.export"]
+SUBCOMMAND_MODULES = [
+    "t3d.info",
+    "t3d.inflate",
+    "t3d.synthetic",
+    "t3d.train",
+    "t3d.evaluate",
+    "t3d.transfer",
+    "t3d.predict",
+    "t3d.export",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

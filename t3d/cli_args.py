@@ -8,9 +8,12 @@ import argparse
 import os
 from typing import Any
 
-from .data import FORMATS, dataset_hints
+from torch import nn
+
+from .data import FORMATS, EpochSampler, dataset_hints, make_loader
+from .distributed import DistContext
 from .models import MODELS, clip_stage_shapes
-from .training import TrainConfig, Trainer
+from .training import TrainConfig, Trainer, make_optimizer, make_scheduler
 
 __all__ = [
     "add_common_data_args",
@@ -19,6 +22,7 @@ __all__ = [
     "add_run_args",
     "check_clip_fits",
     "int_list",
+    "make_trainer",
     "parse_clip",
     "resolve_hflip",
     "resolve_resume",
@@ -81,6 +85,38 @@ def resume_trainer(trainer: Trainer, resume: str | None, out_dir: str) -> str | 
         if trainer.ctx.is_main:
             print(f"resumed from {path}: epoch {trainer.epoch + 1}, step {trainer.step}, batch {trainer.position}")
     return path
+
+
+def make_trainer(
+    model: nn.Module,
+    dataset: Any,
+    args: argparse.Namespace,
+    config: TrainConfig,
+    ctx: DistContext,
+    meta: dict[str, Any],
+    **trainer_kwargs: Any,
+) -> Trainer:
+    """The :class:`Trainer` of ``t3d train`` and ``t3d transfer``: this rank's share of the epoch's batches
+    (``--batch-size`` per process, ``--seed``), ``--workers`` loader processes, the optimizer and LR schedule of
+    ``config``, then resumed as ``--resume`` asks. ``meta`` is stored in every checkpoint; its ``global_batch``
+    is filled in here. ``trainer_kwargs`` go to the Trainer (``step_fn``, ``on_epoch_end``)."""
+    sampler = EpochSampler(len(dataset), args.batch_size, args.seed, rank=ctx.rank, world_size=ctx.world_size)
+    loader = make_loader(
+        dataset,
+        args.batch_size,
+        sampler=sampler,
+        workers=args.workers,
+        seed=args.seed,
+        pin_memory=ctx.device.type == "cuda",
+    )
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, sampler.batches_per_epoch // config.accum_steps)
+    meta["global_batch"] = args.batch_size * ctx.world_size * config.accum_steps
+    trainer = Trainer(
+        model, optimizer, loader, scheduler=scheduler, config=config, ctx=ctx, meta=meta, **trainer_kwargs
+    )
+    resume_trainer(trainer, args.resume, args.out)
+    return trainer
 
 
 def train_config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfig:

@@ -42,7 +42,7 @@ class DistContext:
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """"auto" -> cuda:<local_rank> when CUDA is available, else cpu; anything else is parsed by torch."""
+    """ "auto" -> cuda:<local_rank> when CUDA is available, else cpu; anything else is parsed by torch."""
     if device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     try:

@@ -32,9 +32,7 @@ __all__ = ["CLASS_PAIRS", "render_motion_clip", "make_synthetic", "add_parser"]
 CLASS_PAIRS = [("MoveRight", "MoveLeft", (0, 1)), ("MoveDown", "MoveUp", (1, 0))]
 
 
-def render_motion_clip(
-    direction: tuple[int, int], frames: int, size: int, rng: np.random.Generator
-) -> np.ndarray:
+def render_motion_clip(direction: tuple[int, int], frames: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """One video (frames, size, size, 3) uint8: a square moving along ``direction`` (dy, dx).
 
     Square side ~ size/5..size/4, speed 0.6..1 of the room available over the clip, random perpendicular position,

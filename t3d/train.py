@@ -18,16 +18,16 @@ from .cli_args import (
     add_run_args,
     check_clip_fits,
     int_list,
+    make_trainer,
     parse_clip,
     resolve_hflip,
-    resume_trainer,
     train_config_from_args,
 )
-from .data import ClipTransform, EpochSampler, build_dataset, make_loader
+from .data import ClipTransform, build_dataset, make_loader
 from .distributed import DistContext, barrier, cleanup, init_distributed
 from .evaluate import evaluate
 from .models import build_model
-from .training import Trainer, make_optimizer, make_scheduler, seed_everything, set_deterministic
+from .training import Trainer, seed_everything, set_deterministic
 
 __all__ = ["run", "add_parser"]
 
@@ -69,17 +69,6 @@ def run(args: argparse.Namespace) -> int:
         config = train_config_from_args(
             args, milestones=tuple(args.milestones), gamma=args.gamma, freeze_bn=args.freeze_bn
         )
-        sampler = EpochSampler(len(dataset), args.batch_size, args.seed, rank=ctx.rank, world_size=ctx.world_size)
-        loader = make_loader(
-            dataset,
-            args.batch_size,
-            sampler=sampler,
-            workers=args.workers,
-            seed=args.seed,
-            pin_memory=ctx.device.type == "cuda",
-        )
-        optimizer = make_optimizer(model, config)
-        scheduler = make_scheduler(optimizer, config, sampler.batches_per_epoch // config.accum_steps)
         meta = {
             "model": args.model,
             "backend": args.backend,
@@ -93,15 +82,11 @@ def run(args: argparse.Namespace) -> int:
             "dropout": args.dropout,
             "data_dir": os.path.abspath(args.data_dir),
             "world_size": ctx.world_size,
-            "global_batch": args.batch_size * ctx.world_size * config.accum_steps,
         }
         on_epoch_end = None
         if args.val_split:
             on_epoch_end = _validation_callback(args, dataset.classes, clip, transform.resize, ctx)
-        trainer = Trainer(
-            model, optimizer, loader, scheduler=scheduler, config=config, ctx=ctx, meta=meta, on_epoch_end=on_epoch_end
-        )
-        resume_trainer(trainer, args.resume, args.out)
+        trainer = make_trainer(model, dataset, args, config, ctx, meta, on_epoch_end=on_epoch_end)
         if ctx.is_main:
             print(
                 f"training {args.model} (backend {args.backend}) on {len(dataset)} videos, {len(dataset.classes)} "

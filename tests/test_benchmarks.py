@@ -374,3 +374,24 @@ def test_model_default_shapes_per_device():
     assert bench_model.default_shapes(BenchConfig(paper=True, model_batches=(2,))) == [("121", (2, 32, 224, 224))]
     gpu = BenchConfig(device="cuda")  # only its device type is read: no CUDA needed
     assert bench_model.default_shapes(gpu) == [("121", (n, 32, s, s)) for s in (112, 224) for n in (8, 16, 32)]
+
+
+def test_conv_roof_is_taken_when_faster_than_the_sgemm(monkeypatch):
+    """A case with ``roof_conv`` is judged against the faster of its sgemm and its vendor conv, both recorded."""
+    import benchmarks.runner as runner
+    from benchmarks.roof import conv3d_gflops
+
+    monkeypatch.setattr(runner, "sgemm_gflops", lambda m, k, n, device, dtype: 100.0)
+    monkeypatch.setattr(runner, "conv3d_gflops", lambda *a, **k: 250.0)
+    x = torch.ones(3)
+    base = Contender("eager", lambda training: x * 2, [x], kind="baseline")
+    case = Case(op="toy", label="c", flops=1e9, build=lambda: [base], roof_gemm=(8, 8, 8), roof_conv=(4, 4, 3, 2, 3, 3))
+    cfg = BenchConfig(passes=("forward",), repeats=1, warmup=0, canary_drop=0.999)
+    roofs: dict[str, float] = {}
+    (row,) = run_cases([case], cfg, roofs=roofs)
+    assert row["roof_gflops"] == 250.0 and roofs == {"8x8x8": 100.0, "conv:4x4x3@2x3x3": 250.0}
+    plain = Case(op="toy", label="s", flops=1e9, build=lambda: [base], roof_gemm=(8, 8, 8))
+    (row,) = run_cases([plain], cfg, roofs={})
+    assert row["roof_gflops"] == 100.0
+    # the real measurement: a positive rate of the right size of work
+    assert 0 < conv3d_gflops(2, 3, 3, (2, 4, 4), torch.device("cpu"), torch.float32, repeats=2) < 1e5

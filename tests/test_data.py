@@ -72,6 +72,22 @@ def test_missing_optional_dependency_is_a_clear_error(tmp_path, capsys, monkeypa
     assert "pip install 't3d-kernels[video]'" in err
 
 
+def test_cli_optional_package_map_matches_pyproject_extras():
+    """t3d.cli.OPTIONAL (the extra its error message names) says what pyproject.toml's extras install."""
+    import ast
+    import re
+
+    from t3d.cli import OPTIONAL
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml")) as f:  # tomllib is 3.11+; the extras are one-line lists
+        table = f.read().split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    extras = {m[1]: ast.literal_eval(m[2]) for m in re.finditer(r"^(\w+) = (\[.*\])$", table, re.M)}
+    for package, extra in OPTIONAL.items():
+        names = {re.split(r"[<>=!~\[ ]", req, maxsplit=1)[0] for req in extras[extra]}
+        assert package in names, f"OPTIONAL[{package!r}] = {extra!r}, but extra {extra!r} is {extras[extra]}"
+
+
 def test_synthetic_twins_are_time_reversed(synthetic):
     """Every MoveLeft video is the time reversal of a MoveRight one: a frame-order-blind model cannot separate them."""
     right = os.path.join(synthetic, "MoveRight", "v_MoveRight_g01_c01.avi")

@@ -300,3 +300,51 @@ def test_t3d_tiny_bf16_training_step_at_the_clip_that_gave_nan():
         assert torch.isfinite(loss) and all(torch.isfinite(gr).all() for gr in grads)
         runs.append(grads)
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True)), "bf16 training step not deterministic"
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4. The CPU TTL's per-thread source workspace (kept between calls: no page faults of a fresh 23 MB tensor)
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_ttl_cpu_workspace_reuse_keeps_every_result_intact():
+    """Calls of growing, shrinking and mixed-dtype shapes, forwards and backwards interleaved, share one
+    workspace; each result (kept alive across the later calls) must still equal its reference afterwards."""
+    if "cpu" not in _cpu_backends("ttl"):
+        pytest.skip("the cpu backend of ttl is not built")
+    shapes = [(2, 6, 4, 6, 6), (1, 9, 6, 8, 10), (3, 5, 3, 4, 4), (1, 9, 6, 8, 10), (2, 7, 5, 7, 5)]
+    kept = []
+    for i, shape in enumerate(shapes):
+        case = _ttl_case(*shape, depths=(1, 3), kernel=3, seed=100 + i)
+        if i % 2:  # float32 calls between the float64 ones: same buffer, another element type
+            case = tuple(v.float() if torch.is_tensor(v) else [w.float() for w in v] for v in case)
+        kept.append((case, _ttl_run("cpu", *case, True, True)))
+    for case, got in kept:
+        want = _ttl_run("reference", *case, True, True)
+        for a, b in zip(got, want):
+            tol = 1e-9 if a.dtype == torch.float64 else 1e-4
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+
+def test_ttl_cpu_concurrent_calls_from_two_threads():
+    """Two Python threads calling the op at once each get their own workspace (no shared buffer raced)."""
+    import threading
+
+    if "cpu" not in _cpu_backends("ttl"):
+        pytest.skip("the cpu backend of ttl is not built")
+    cases = [_ttl_case(2, 6, 4, 6, 6, depths=(1, 3), kernel=3, seed=s) for s in (1, 2)]
+    results: dict[int, list] = {}
+
+    def work(k):
+        results[k] = [_ttl_run("cpu", *cases[k], True, True) for _ in range(20)]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in (0, 1):
+        want = _ttl_run("reference", *cases[k], True, True)
+        for got in results[k]:
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * max(1.0, b.abs().max().item()))

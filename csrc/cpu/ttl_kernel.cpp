@@ -26,9 +26,14 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "common/ttl_math.h"
 #include "ttl.h"
@@ -92,6 +97,22 @@ Problem make_problem(const at::Tensor& x, const std::vector<at::Tensor>& weights
   }
   pb.C_out = y_off;
   return pb;
+}
+
+// at::empty whose pages are advised for transparent huge pages before their first touch (where the kernel grants
+// them on request, madvise mode). A fresh tensor of a few MB otherwise costs one page fault per 4 KB when first
+// written: measured here, 1 thread, a fresh 45 MB tensor filled in 19 ms with 4 KB pages and in 3 ms with the advice
+// (a read of 45 MB: 1.6 ms). TTL3's weight gradients alone are 45 MB per call.
+at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& opts,
+                      at::MemoryFormat fmt = at::MemoryFormat::Contiguous) {
+  at::Tensor t = at::empty(sizes, opts.memory_format(fmt));
+#ifdef __linux__
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + t.nbytes()) & ~(kHuge - 1);
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // advice only: a refusal changes nothing
+#endif
+  return t;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -220,9 +241,11 @@ void fwd_tile_generic(const T* src, const int64_t* rows, const int64_t* tap_off,
     for (int k = 0; k < NR; ++k) acc[r * ld + k] = first ? part[r][k] : acc[r * ld + k] + part[r][k];
 }
 
-// weight gradient: acc[r][k] += sum_p src[rows[p] + off + r] * gy[p*ldg + k]   (r: input channel, k: output channel)
+// weight gradient: acc[r][k] (= or +=) sum_p src[rows[p] + off + r] * gy[p*ldg + k]   (r: input channel, k: output
+// channel; np >= 1)
 template <typename T>
-void wgrad_tile_generic(const T* src, const int64_t* rows, int64_t np, int64_t off, const T* gy, int64_t ldg, T* acc) {
+void wgrad_tile_generic(const T* src, const int64_t* rows, int64_t np, int64_t off, const T* gy, int64_t ldg, T* acc,
+                        bool assign) {
   constexpr int NR = NV * kLanes<T>;
   T part[MR][NR], a[MR][NR];
   for (int64_t ps0 = 0; ps0 < np; ps0 += kSumBlock) {
@@ -237,9 +260,8 @@ void wgrad_tile_generic(const T* src, const int64_t* rows, int64_t np, int64_t o
     for (int r = 0; r < MR; ++r)
       for (int k = 0; k < NR; ++k) part[r][k] = ps0 == 0 ? a[r][k] : part[r][k] + a[r][k];
   }
-  if (np > 0)
-    for (int r = 0; r < MR; ++r)
-      for (int k = 0; k < NR; ++k) acc[r * NR + k] += part[r][k];
+  for (int r = 0; r < MR; ++r)
+    for (int k = 0; k < NR; ++k) acc[r * NR + k] = assign ? part[r][k] : acc[r * NR + k] + part[r][k];
 }
 
 // source gradient: acc[r][k] += sum over (tap j, o) of tap_rows[j][r][o] * wt[j][o][k]   (k: input channel)
@@ -289,11 +311,11 @@ T3D_INLINE void fwd_tile_mv(const T* src, const int64_t* rows, const int64_t* ta
 }
 template <typename T>
 T3D_INLINE void wgrad_tile_mv(const T* src, const int64_t* rows, int64_t np, int64_t off, const T* gy, int64_t ldg,
-                              T* acc) {
+                              T* acc, bool assign) {
   if constexpr (std::is_same_v<T, float>) {
-    if (use_avx512()) return wgrad_tile_avx512(src, rows, np, off, gy, ldg, acc);
+    if (use_avx512()) return wgrad_tile_avx512(src, rows, np, off, gy, ldg, acc, assign);
   }
-  wgrad_tile_generic<T>(src, rows, np, off, gy, ldg, acc);
+  wgrad_tile_generic<T>(src, rows, np, off, gy, ldg, acc, assign);
 }
 template <typename T>
 T3D_INLINE void dgrad_tile_mv(const T* const* tap_rows, const T* const* wt, int ntaps, int64_t cout, T* acc) {
@@ -303,6 +325,200 @@ T3D_INLINE void dgrad_tile_mv(const T* const* tap_rows, const T* const* wt, int 
   dgrad_tile_generic<T>(tap_rows, wt, ntaps, cout, acc);
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// GEMMs of the few-position path on the weights' own rows (w: (cout, K), K = C * taps, the im2col col: (M, K)).
+// The weights are the big operand there (TTL3 of T3D-121: 45 MB for 18 positions per clip): they are read once,
+// as they lie, with vector lanes along k, and never repacked. Tiles of kGR rows x kGV vectors; the few positions
+// or the output channels are the rows. Generic (GCC vector extension) bodies, compiled for AVX-512 when the CPU
+// has it, so both paths sum in the same order.
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+};
+template <typename T>
+T3D_INLINE typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+T3D_INLINE void vstore(T* p, typename Vec<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+constexpr int kGR = 6;  // tile rows
+constexpr int kGV = 4;  // tile vectors
+
+// sum_{i < n} a[i * sa] * b[i * sb], in blocks of kSumBlock terms ("Summation order")
+template <typename T>
+T blocked_dot(const T* a, int64_t sa, const T* b, int64_t sb, int64_t n) {
+  T total = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kSumBlock) {
+    T part = 0;
+    for (int64_t i = i0; i < std::min(n, i0 + kSumBlock); ++i) part += a[i * sa] * b[i * sb];
+    total += part;
+  }
+  return total;
+}
+
+// acc vector i * kGV + j += per-lane sums over nv vectors of a[i][v] * b[j][v]   (i < kGR rows of a, j < kGV of b)
+template <typename T>
+T3D_INLINE void dot_tile_body(const T* const* a, const T* const* b, int64_t nv, T* acc) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t VL = kLanes<T>;
+  V r[kGR][kGV] = {};
+  for (int64_t v = 0; v < nv; ++v) {
+    V w[kGV];
+    _Pragma("GCC unroll 4") for (int j = 0; j < kGV; ++j) w[j] = vload(b[j] + v * VL);
+    _Pragma("GCC unroll 6") for (int i = 0; i < kGR; ++i) {
+      const V x = vload(a[i] + v * VL);
+      _Pragma("GCC unroll 4") for (int j = 0; j < kGV; ++j) r[i][j] += x * w[j];
+    }
+  }
+  for (int i = 0; i < kGR; ++i)
+    for (int j = 0; j < kGV; ++j) vstore(acc + (i * kGV + j) * VL, vload(acc + (i * kGV + j) * VL) + r[i][j]);
+}
+
+// out[i][v] (= or +=) sum_{q in [q0, q1)} coef[i][q * cs] * rows[q * rs + v * lanes]   (i < nvalid, v < NVEC)
+template <typename T, int NVEC>
+T3D_INLINE void outer_tile_body(const T* const* coef, int64_t cs, const T* rows, int64_t rs, int64_t q0, int64_t q1,
+                                T* const* out, int nvalid, bool assign) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t VL = kLanes<T>, kAhead = 8;
+  // the rows are far apart (rows of w or col, K apart: no hardware prefetcher follows ~170 such streams), so ask
+  // for the lines a few rows ahead, and for the output lines (write misses) before the reduction
+  for (int i = 0; i < nvalid; ++i)
+    for (int v = 0; v < NVEC; ++v) __builtin_prefetch(out[i] + v * VL, 1);
+  V r[kGR][NVEC] = {};
+  for (int64_t q = q0; q < q1; ++q) {
+    const T* ahead = rows + std::min(q + kAhead, q1 - 1) * rs;
+    _Pragma("GCC unroll 4") for (int v = 0; v < NVEC; ++v) __builtin_prefetch(ahead + v * VL);
+    V b[NVEC];
+    _Pragma("GCC unroll 4") for (int v = 0; v < NVEC; ++v) b[v] = vload(rows + q * rs + v * VL);
+    _Pragma("GCC unroll 6") for (int i = 0; i < kGR; ++i) {
+      const V c = V{} + coef[i][q * cs];
+      _Pragma("GCC unroll 4") for (int v = 0; v < NVEC; ++v) r[i][v] += c * b[v];
+    }
+  }
+  for (int i = 0; i < nvalid; ++i)
+    for (int v = 0; v < NVEC; ++v) {
+      T* d = out[i] + v * VL;
+      vstore(d, assign ? r[i][v] : vload(d) + r[i][v]);
+    }
+}
+
+__attribute__((target("avx512f,fma"))) void dot_tile_avx512(const float* const* a, const float* const* b, int64_t nv,
+                                                             float* acc) {
+  dot_tile_body<float>(a, b, nv, acc);
+}
+template <int NVEC>
+__attribute__((target("avx512f,fma"))) void outer_tile_avx512(const float* const* coef, int64_t cs, const float* rows,
+                                                               int64_t rs, int64_t q0, int64_t q1, float* const* out,
+                                                               int nvalid, bool assign) {
+  outer_tile_body<float, NVEC>(coef, cs, rows, rs, q0, q1, out, nvalid, assign);
+}
+template <typename T>
+void dot_tile(const T* const* a, const T* const* b, int64_t nv, T* acc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx512()) return dot_tile_avx512(a, b, nv, acc);
+  }
+  dot_tile_body<T>(a, b, nv, acc);
+}
+template <typename T, int NVEC>
+void outer_tile(const T* const* coef, int64_t cs, const T* rows, int64_t rs, int64_t q0, int64_t q1, T* const* out,
+                int nvalid, bool assign) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx512()) return outer_tile_avx512<NVEC>(coef, cs, rows, rs, q0, q1, out, nvalid, assign);
+  }
+  outer_tile_body<T, NVEC>(coef, cs, rows, rs, q0, q1, out, nvalid, assign);
+}
+
+// out[p * ldo + o] = sum_k col[p * K + k] * w[o * K + k]. Per thread a range of output-channel groups; k in chunks
+// of kSumBlock vectors (one summation block per lane), each chunk's rows of col stay in L2 while the weight rows
+// stream past once.
+template <typename T>
+void weights_major_forward(const T* col, const T* w, int64_t M, int64_t K, int64_t cout, T* out, int64_t ldo) {
+  constexpr int64_t VL = kLanes<T>;
+  const int64_t kv = K / VL, npt = (M + kGR - 1) / kGR, nog = (cout + kGV - 1) / kGV;
+  at::parallel_for(0, nog, 1, [&](int64_t ob, int64_t oe) {
+    std::vector<T> acc((oe - ob) * npt * kGR * kGV * VL, T(0));  // vector partials
+    const T* a[kGR];
+    const T* b[kGV];
+    for (int64_t c0 = 0; c0 < kv; c0 += kSumBlock) {
+      const int64_t nv = std::min<int64_t>(kSumBlock, kv - c0);
+      for (int64_t og = ob; og < oe; ++og) {
+        for (int j = 0; j < kGV; ++j) b[j] = w + std::min(og * kGV + j, cout - 1) * K + c0 * VL;
+        for (int64_t pt = 0; pt < npt; ++pt) {
+          for (int i = 0; i < kGR; ++i) a[i] = col + std::min(pt * kGR + i, M - 1) * K + c0 * VL;
+          dot_tile<T>(a, b, nv, acc.data() + ((og - ob) * npt + pt) * kGR * kGV * VL);
+        }
+      }
+    }
+    for (int64_t og = ob; og < oe; ++og)
+      for (int64_t pt = 0; pt < npt; ++pt)
+        for (int i = 0; i < kGR && pt * kGR + i < M; ++i)
+          for (int j = 0; j < kGV && og * kGV + j < cout; ++j) {
+            const int64_t p = pt * kGR + i, o = og * kGV + j;
+            const T* s = acc.data() + (((og - ob) * npt + pt) * kGR * kGV + i * kGV + j) * VL;
+            T sum = 0;
+            for (int l = 0; l < VL; ++l) sum += s[l];
+            out[p * ldo + o] = sum + blocked_dot(col + p * K + kv * VL, 1, w + o * K + kv * VL, 1, K - kv * VL);
+          }
+  });
+}
+
+// gw[o * K + k] = sum_p gy[p * ldg + o] * col[p * K + k]  and  gcol[p * K + k] = sum_o gy[p * ldg + o] * w[o * K + k],
+// tasks of kGV vectors of k (then single vectors, then the scalar tail): each task reads its columns of col and w
+// once, both within L1/L2 while every tile of output channels / positions passes.
+template <typename T>
+void weights_major_backward(const T* col, const T* w, const T* gy, int64_t ldg, int64_t M, int64_t K, int64_t cout,
+                            T* gw, T* gcol) {
+  constexpr int64_t VL = kLanes<T>;
+  const int64_t kv = K / VL, nwide = kv / kGV, ntasks = nwide + (kv - nwide * kGV);
+  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    const T* coef[kGR];
+    T* out[kGR];
+    for (int64_t task = begin; task < end; ++task) {
+      const bool wide = task < nwide;
+      const int64_t k0 = wide ? task * kGV * VL : (nwide * kGV + task - nwide) * VL;
+      for (int64_t o0 = 0; o0 < cout; o0 += kGR) {  // gw rows o0.. : coef gy[p][o], rows col[p]
+        const int nvalid = (int)std::min<int64_t>(kGR, cout - o0);
+        for (int i = 0; i < kGR; ++i) {
+          coef[i] = gy + std::min<int64_t>(o0 + i, cout - 1);
+          out[i] = gw + std::min<int64_t>(o0 + i, cout - 1) * K + k0;
+        }
+        for (int64_t q0 = 0; q0 < M; q0 += kSumBlock) {
+          const int64_t q1 = std::min(M, q0 + kSumBlock);
+          if (wide)
+            outer_tile<T, kGV>(coef, ldg, col + k0, K, q0, q1, out, nvalid, q0 == 0);
+          else
+            outer_tile<T, 1>(coef, ldg, col + k0, K, q0, q1, out, nvalid, q0 == 0);
+        }
+      }
+      for (int64_t p0 = 0; p0 < M; p0 += kGR) {  // gcol rows p0.. : coef gy[p][o], rows w[o]
+        const int nvalid = (int)std::min<int64_t>(kGR, M - p0);
+        for (int i = 0; i < kGR; ++i) {
+          coef[i] = gy + std::min<int64_t>(p0 + i, M - 1) * ldg;
+          out[i] = gcol + std::min<int64_t>(p0 + i, M - 1) * K + k0;
+        }
+        for (int64_t q0 = 0; q0 < cout; q0 += kSumBlock) {
+          const int64_t q1 = std::min(cout, q0 + kSumBlock);
+          if (wide)
+            outer_tile<T, kGV>(coef, 1, w + k0, K, q0, q1, out, nvalid, q0 == 0);
+          else
+            outer_tile<T, 1>(coef, 1, w + k0, K, q0, q1, out, nvalid, q0 == 0);
+        }
+      }
+    }
+  });
+  for (int64_t k = kv * VL; k < K; ++k) {
+    for (int64_t o = 0; o < cout; ++o) gw[o * K + k] = blocked_dot(gy + o, ldg, col + k, K, M);
+    for (int64_t p = 0; p < M; ++p) gcol[p * K + k] = blocked_dot(gy + p * ldg, 1, w + k, K, cout);
+  }
+}
 
 // packed forward weights of a branch: [nblock][tap][c][NR], zero beyond cout
 template <typename T>
@@ -345,7 +561,8 @@ std::vector<int64_t> output_rows(const Problem& pb) {
 
 // Few output positions (deep TTLs at small clips: TTL3 of T3D-121 has 18 per clip) make the weights, not the
 // activations, the big operand; packing them costs more than the convolution. Then every branch is a plain GEMM on
-// the weights' own layout: an im2col of the few positions, in the weights' (c, tap) order, and BLAS.
+// the weights' own layout: an im2col of the few positions, in the weights' (c, tap) order, and the weights-major
+// GEMMs above (BLAS ran these shapes at 26-37 GFLOP/s, 1 thread).
 bool use_gemm_path(const Problem& pb) {
   int64_t min_cout = pb.branches.front().cout;
   for (const auto& b : pb.branches) min_cout = std::min(min_cout, b.cout);
@@ -358,7 +575,7 @@ at::Tensor im2col(const T* src, const Problem& pb, const Branch& b, const std::v
                   const at::TensorOptions& opts) {
   const TtlGeometry& g = pb.g;
   const int64_t C = pb.C, taps = b.depth * b.kh * b.kw, K = C * taps, M = pb.N * pb.Mo;
-  auto col = at::empty({M, K}, opts);
+  auto col = empty_huge({M, K}, opts);
   T* out = col.data_ptr<T>();
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)
@@ -398,8 +615,10 @@ void conv_forward_gemm(const T* src, const Problem& pb, const std::vector<at::Te
   for (size_t bi = 0; bi < pb.branches.size(); ++bi) {
     const Branch& b = pb.branches[bi];
     const at::Tensor col = im2col<T>(src, pb, b, rows, opts);
-    const at::Tensor yb = at::mm(col, weights[bi].view({b.cout, -1}).t());  // (M, cout)
-    const T* pyb = yb.data_ptr<T>();
+    const int64_t M = pb.N * pb.Mo;
+    std::vector<T> yb(M * b.cout);  // (M, cout)
+    weights_major_forward<T>(col.data_ptr<T>(), weights[bi].data_ptr<T>(), M, col.size(1), b.cout, yb.data(), b.cout);
+    const T* pyb = yb.data();
     at::parallel_for(0, pb.N * b.cout, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / b.cout, o = i % b.cout;
@@ -418,7 +637,8 @@ void conv_forward(const T* src, const Problem& pb, const std::vector<at::Tensor>
   const int64_t ld = pb.branches.back().acc_col + pb.branches.back().nblocks * NR;
   std::vector<at::Tensor> packed;
   for (size_t i = 0; i < weights.size(); ++i) packed.push_back(pack_forward_weights<T>(weights[i], pb.branches[i], C));
-  std::vector<T> acc(M * ld);
+  at::Tensor acc_t = empty_huge({M * ld}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* acc = acc_t.data_ptr<T>();  // every element assigned by the first K-block's tiles
   const std::vector<int64_t> rows = output_rows(pb);
   const int64_t ntiles = (M + MR - 1) / MR;
   // Position chunks of about one sample's worth of tiles: every K-block below sweeps the chunk's tiles, so the
@@ -442,7 +662,7 @@ void conv_forward(const T* src, const Problem& pb, const std::vector<at::Tensor>
       const T* wbase = packed[bi].data_ptr<T>();
       std::vector<const T*> wtap(sp);
       for (int64_t nb = 0; nb < b.nblocks; ++nb) {
-        T* acc_nb = acc.data() + b.acc_col + nb * NR;
+        T* acc_nb = acc + b.acc_col + nb * NR;
         bool first = true;
         for (int64_t dt = 0; dt < b.depth; ++dt)
           for (int64_t c0 = 0; c0 < C; c0 += cb_len) {
@@ -469,7 +689,7 @@ void conv_forward(const T* src, const Problem& pb, const std::vector<at::Tensor>
       while (o >= pb.branches[bi].y_off + pb.branches[bi].cout) ++bi;
       const int64_t col = pb.branches[bi].acc_col + (o - pb.branches[bi].y_off);
       T* out = y + i * pb.Mo;
-      const T* in = acc.data() + n * pb.Mo * ld + col;
+      const T* in = acc + n * pb.Mo * ld + col;
       for (int64_t p = 0; p < pb.Mo; ++p) out[p] = in[p * ld];
     }
   });
@@ -817,6 +1037,28 @@ std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ws) {
   return out;
 }
 
+// The source tensor src (N, Ts, Hs, Ws, C) is the op's largest temporary (23 MB at T3D-121's TTL1, batch 1), and
+// not a result: a fresh one per call costs a page fault per 4 KiB on first touch (4.7k faults, ~3-5 ms of TTL1's
+// ~17 ms 2-thread forward, and most of its call-to-call spread: faulting threads serialise on the address-space
+// lock). It lives in a per-thread buffer kept between calls instead. Forward and backward on one thread use it
+// one after the other, never at once (CPU autograd runs a backward on the thread that calls it). Buffers above
+// kMaxWorkspaceBytes are not kept (a huge batch does not pin its memory after the call).
+constexpr int64_t kMaxWorkspaceBytes = int64_t(1) << 30;
+
+at::Tensor source_workspace(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  thread_local at::Tensor buffer;  // bytes, grown on demand
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
+  if (bytes > kMaxWorkspaceBytes) return at::empty(sizes, opts);
+  if (!buffer.defined() || buffer.numel() < bytes) {
+    buffer.reset();  // free the old one before the larger one is allocated
+    buffer = at::empty({bytes}, opts.dtype(at::kByte));
+  }
+  // a view of the buffer's storage: it stays valid for the call even if a later call on this thread grows the buffer
+  return buffer.narrow(0, 0, bytes).view(c10::typeMetaToScalarType(opts.dtype())).view(sizes);
+}
+
 void check_cpu_dtype(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "x: the cpu backend of ttl expects float32 or float64, got ", x.scalar_type());
@@ -873,9 +1115,9 @@ at::Tensor ttl_forward_cpu(const at::Tensor& x, const at::Tensor& bn_weight, con
     const Problem pb = make_problem(x, ws, pool, NV * kLanes<scalar_t>);
     std::vector<scalar_t> scale, shift, invstd;
     folded_bn<scalar_t>(bn_weight, bn_bias, mean, var, eps, scale, shift, invstd);
-    auto src = at::empty({pb.N, pb.g.Ts, pb.g.Hs, pb.g.Ws, pb.C}, x.options());
+    auto src = source_workspace({pb.N, pb.g.Ts, pb.g.Hs, pb.g.Ws, pb.C}, x.options());
     build_source<scalar_t>(x, scale.data(), shift.data(), pb, src.data_ptr<scalar_t>());
-    y = at::empty({pb.N, pb.C_out, pb.g.To, pb.g.Ho, pb.g.Wo}, x.options());
+    y = empty_huge({pb.N, pb.C_out, pb.g.To, pb.g.Ho, pb.g.Wo}, x.options());
     if (use_gemm_path(pb))
       conv_forward_gemm<scalar_t>(src.data_ptr<scalar_t>(), pb, ws, y.data_ptr<scalar_t>(), x.options());
     else
@@ -892,7 +1134,7 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
   check_cpu_dtype(x);
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "grad_y: expected dtype ", x.scalar_type(), ", got ",
               grad_y.scalar_type());
-  at::Tensor grad_x = at::empty_like(x, x.suggest_memory_format());
+  at::Tensor grad_x = empty_huge(x.sizes(), x.options(), x.suggest_memory_format());
   at::Tensor grad_bn_weight = at::zeros_like(bn_weight), grad_bn_bias = at::zeros_like(bn_bias);
   std::vector<at::Tensor> grad_weights;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ttl_backward_cpu", [&] {
@@ -907,7 +1149,7 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
                 grad_y.sizes());
     std::vector<T> scale, shift, invstd;
     folded_bn<T>(bn_weight, bn_bias, mean, var, eps, scale, shift, invstd);
-    auto src = at::empty({pb.N, g.Ts, g.Hs, g.Ws, pb.C}, x.options());
+    auto src = source_workspace({pb.N, g.Ts, g.Hs, g.Ws, pb.C}, x.options());
     build_source<T>(x, scale.data(), shift.data(), pb, src.data_ptr<T>());
     const T* srcp = src.data_ptr<T>();
     // gy channels-last with NR zero columns of slack so full-width vector loads stay in bounds
@@ -924,29 +1166,34 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
     }
     const std::vector<int64_t> rows = output_rows(pb);
     const bool gemm_path = use_gemm_path(pb);
-    at::Tensor gsrc = gemm_path ? at::zeros_like(src) : at::Tensor();
+    at::Tensor gsrc = gemm_path ? empty_huge(src.sizes(), x.options()).zero_() : at::Tensor();
     if (gemm_path) {  // 3 + 4 for few positions: gW = gy^T im2col(src), gsrc += col2im(gy W)
       for (size_t bi = 0; bi < pb.branches.size(); ++bi) {
         const Branch& b = pb.branches[bi];
-        const at::Tensor gyb =
-            at::from_blob(gy_cl.data() + b.y_off, {M, b.cout}, {ldg, 1}, x.options());  // view, no copy
         const at::Tensor col = im2col<T>(srcp, pb, b, rows, x.options());
-        grad_weights.push_back(at::mm(gyb.t(), col).view(ws[bi].sizes()));
-        col2im_add<T>(at::mm(gyb, ws[bi].view({b.cout, -1})), pb, b, rows, gsrc.data_ptr<T>());
+        const int64_t K = col.size(1);
+        auto gw = empty_huge(ws[bi].sizes(), x.options());
+        auto gcol = empty_huge({M, K}, x.options());
+        weights_major_backward<T>(col.data_ptr<T>(), ws[bi].data_ptr<T>(), gy_cl.data() + b.y_off, ldg, M, K, b.cout,
+                                  gw.data_ptr<T>(), gcol.data_ptr<T>());
+        grad_weights.push_back(gw);
+        col2im_add<T>(gcol, pb, b, rows, gsrc.data_ptr<T>());
       }
     }
-    // 3. weight gradients: tasks (branch, tap, 8-channel tile of C, block of NR output channels)
+    // 3. weight gradients: tasks (branch, tap, block of NR output channels, 8-channel tile of C)
     for (size_t bi = 0; !gemm_path && bi < pb.branches.size(); ++bi) {
       const Branch& b = pb.branches[bi];
       const int64_t taps = b.depth * b.kh * b.kw, nct = (pb.C + MR - 1) / MR;
-      auto gw = at::empty({b.cout, pb.C, b.depth, b.kh, b.kw}, x.options());
+      auto gw = empty_huge({b.cout, pb.C, b.depth, b.kh, b.kw}, x.options());
       T* gwp = gw.data_ptr<T>();
       std::vector<int64_t> rows_c(M);
       for (int64_t p = 0; p < M; ++p) rows_c[p] = (rows[p] + b.origin_row) * pb.C;
-      // reduce over positions one sample at a time (each task's accumulator tile kept in memory), so the source
-      // rows a sample's tasks read stay in cache instead of streaming a whole batch per task
+      // reduce over positions one sample at a time (each task's accumulator tile kept in memory, tiles ordered
+      // [nb][ct][tap]), so the source rows a sample's tasks read stay in cache instead of streaming a whole batch
+      // per task
       const int64_t ntasks = taps * b.nblocks * nct;
-      std::vector<T> acc_all(ntasks * MR * NR, T(0));
+      at::Tensor acc_t = empty_huge({ntasks * MR * NR}, x.options());  // every tile assigned by the first sample
+      T* acc_all = acc_t.data_ptr<T>();
       for (int64_t p0 = 0; p0 < M; p0 += pb.Mo) {
         const int64_t np = std::min(pb.Mo, M - p0);
         at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
@@ -957,10 +1204,10 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
             const int64_t dt = j / (b.kh * b.kw), dh = (j / b.kw) % b.kh, dw = j % b.kw;
             const int64_t c0 = ct * MR, cvalid = std::min<int64_t>(MR, pb.C - c0);
             const int64_t off = ((dt * g.Hs + dh) * g.Ws + dw) * pb.C + c0;
-            T* a = acc_all.data() + task * MR * NR;
+            T* a = acc_all + ((nb * nct + ct) * taps + j) * MR * NR;
             const T* gyp = gy_cl.data() + p0 * ldg + b.y_off + nb * NR;
             if (cvalid == MR) {
-              wgrad_tile_mv(srcp, rows_c.data() + p0, np, off, gyp, ldg, a);
+              wgrad_tile_mv(srcp, rows_c.data() + p0, np, off, gyp, ldg, a, p0 == 0);
             } else {  // channel tail: read through a zero-padded copy of the rows' last channels
               tail.assign(np * MR, T(0));
               trow.resize(np);
@@ -968,19 +1215,23 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
                 for (int64_t r = 0; r < cvalid; ++r) tail[p * MR + r] = srcp[rows_c[p0 + p] + off + r];
                 trow[p] = p * MR;
               }
-              wgrad_tile_mv(tail.data(), trow.data(), np, 0, gyp, ldg, a);
+              wgrad_tile_mv(tail.data(), trow.data(), np, 0, gyp, ldg, a, p0 == 0);
             }
           }
         });
       }
-      at::parallel_for(0, ntasks, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t ct = task % nct, nb = (task / nct) % b.nblocks, j = task / (nct * b.nblocks);
+      // tiles [nb][ct][tap][MR][NR] -> gw (cout, C, taps): per (nb, ct) its taps' tiles (in L1/L2) are written out
+      // along gw's rows, contiguous over the taps (writing tap by tap would touch a new line of gw per element)
+      at::parallel_for(0, b.nblocks * nct, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t blk = begin; blk < end; ++blk) {
+          const int64_t nb = blk / nct, ct = blk % nct;
           const int64_t c0 = ct * MR, cvalid = std::min<int64_t>(MR, pb.C - c0);
-          const T* a = acc_all.data() + task * MR * NR;
-          for (int r = 0; r < cvalid; ++r)
-            for (int64_t oo = 0; oo < NR && nb * NR + oo < b.cout; ++oo)
-              gwp[((nb * NR + oo) * pb.C + c0 + r) * taps + j] = a[r * NR + oo];
+          const T* a = acc_all + blk * taps * MR * NR;
+          for (int64_t oo = 0; oo < NR && nb * NR + oo < b.cout; ++oo)
+            for (int r = 0; r < cvalid; ++r) {
+              T* dst = gwp + ((nb * NR + oo) * pb.C + c0 + r) * taps;
+              for (int64_t j = 0; j < taps; ++j) dst[j] = a[(j * MR + r) * NR + oo];
+            }
         }
       });
       grad_weights.push_back(gw);

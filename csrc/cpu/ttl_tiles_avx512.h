@@ -68,7 +68,7 @@ T3D_AVX512 void fwd_tile_avx512(const float* src, const int64_t* rows, const int
 }
 
 T3D_AVX512 void wgrad_tile_avx512(const float* src, const int64_t* rows, int64_t np, int64_t off, const float* gy,
-                                  int64_t ldg, float* acc) {
+                                  int64_t ldg, float* acc, bool assign) {
   constexpr int NR = kAvxNV * 16;
   alignas(64) float part[kAvxMR * NR];
   // consecutive positions read rows ~2*C floats apart (stride 2): too far for the hardware prefetcher, so ask
@@ -93,9 +93,10 @@ T3D_AVX512 void wgrad_tile_avx512(const float* src, const int64_t* rows, int64_t
     }
     add_tile_avx512(a, part, NR, kAvxMR, ps0 == 0);
   }
-  if (np > 0)
-    T3D_UNROLL for (int i = 0; i < kAvxMR * kAvxNV; ++i) _mm512_storeu_ps(
-        acc + i * 16, _mm512_add_ps(_mm512_loadu_ps(acc + i * 16), _mm512_load_ps(part + i * 16)));
+  T3D_UNROLL for (int i = 0; i < kAvxMR * kAvxNV; ++i) {
+    const __m512 s = _mm512_load_ps(part + i * 16);
+    _mm512_storeu_ps(acc + i * 16, assign ? s : _mm512_add_ps(_mm512_loadu_ps(acc + i * 16), s));
+  }
 }
 
 T3D_AVX512 void dgrad_tile_avx512(const float* const* tap_rows, const float* const* wt, int ntaps, int64_t cout,

@@ -14,15 +14,15 @@ from ..cli_args import (
     add_optimization_args,
     add_run_args,
     check_clip_fits,
+    make_trainer,
     parse_clip,
     resolve_hflip,
-    resume_trainer,
     train_config_from_args,
 )
-from ..data import FORMATS, ClipTransform, EpochSampler, VideoDataset, VideoRecord, build_dataset, make_loader
+from ..data import FORMATS, ClipTransform, VideoDataset, VideoRecord, build_dataset
 from ..distributed import cleanup, init_distributed
 from ..models import MODELS
-from ..training import Trainer, make_optimizer, make_scheduler, seed_everything
+from ..training import seed_everything
 from .export import export_student
 from .matching import TransferHead, TransferModel, TransferStep
 from .teacher import TEACHERS, build_teacher
@@ -94,17 +94,6 @@ def run(args: argparse.Namespace) -> int:
         head = TransferHead(teacher.feature_dim, student.num_features, dropout=args.head_dropout)
         model = TransferModel(student, head)
         config = train_config_from_args(args)
-        sampler = EpochSampler(len(dataset), args.batch_size, args.seed, rank=ctx.rank, world_size=ctx.world_size)
-        loader = make_loader(
-            dataset,
-            args.batch_size,
-            sampler=sampler,
-            workers=args.workers,
-            seed=args.seed,
-            pin_memory=ctx.device.type == "cuda",
-        )
-        optimizer = make_optimizer(model, config)
-        scheduler = make_scheduler(optimizer, config, sampler.batches_per_epoch // config.accum_steps)
         meta = {
             "task": "transfer",
             "model": args.model,
@@ -118,19 +107,10 @@ def run(args: argparse.Namespace) -> int:
             "data_dir": os.path.abspath(args.data_dir),
             "videos": len(dataset),
             "world_size": ctx.world_size,
-            "global_batch": args.batch_size * ctx.world_size * config.accum_steps,
         }
-        trainer = Trainer(
-            model,
-            optimizer,
-            loader,
-            step_fn=TransferStep(teacher, args.seed, video_of),
-            scheduler=scheduler,
-            config=config,
-            ctx=ctx,
-            meta=meta,
+        trainer = make_trainer(
+            model, dataset, args, config, ctx, meta, step_fn=TransferStep(teacher, args.seed, video_of)
         )
-        resume_trainer(trainer, args.resume, args.out)
         if ctx.is_main:
             print(
                 f"transfer {args.teacher} teacher ({teacher.feature_dim}-d, frozen) -> {args.model} student on "
