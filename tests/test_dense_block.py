@@ -246,3 +246,13 @@ def test_triton_forced_split_k(backend, device):
     finally:
         triton_dense_block._split_override = None
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.skipif(("cpu", "cpu") not in PAIRS, reason="the cpu dense block kernel is not built")
+def test_cpu_input_gradient_in_sample_groups():
+    """The cpu kernel's conv2 input gradient by per-sample oneDNN calls into one buffer, taken when a sample's
+    gradient exceeds half of kGradInputCallBytes (csrc/cpu/dense_block_kernel.cpp): 2 samples of 128 bottleneck
+    channels x 8x33x33 (4.5 MB each)."""
+    sample = testing.dense_block_input((2, 8, 8, 33, 33), 1, 32, 4, seed=3)
+    failures = check_backend(sample, "cpu", "cpu", torch.float32, steps=1)
+    assert not failures, "\n".join(failures)

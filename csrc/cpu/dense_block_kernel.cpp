@@ -33,6 +33,7 @@
 
 #include "common/dense_block_math.h"
 #include "common/dispatch.h"
+#include "common/huge_pages.h"
 #include "dense_block.h"
 
 // The BLAS that torch links (MKL in the x86 wheels) exports the Fortran sgemm_/dgemm_; ATen's own cpublas::gemm
@@ -425,7 +426,16 @@ at::Tensor conv_same_grad_weight(const at::Tensor& g, const at::Tensor& z, const
                                               {0, 0, 0}, 1, {false, true, false}));
 }
 
-std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& g, const at::Tensor& z, const at::Tensor& w) {
+// Input gradient per oneDNN call of conv_same_backward at most (whole samples; at least one). oneDNN's output of a
+// bigger call, and its reorder, is fresh memory on every call (glibc hands blocks of tens of MB back to the system):
+// one page fault per 4 KB. Measured here, 1 thread, 4x128x16x28x28 (block1 b4): 69 ms for one call (55 MB of page
+// faults) against 50 ms for per-sample calls copied into one reused buffer (none).
+constexpr int64_t kGradInputCallBytes = int64_t(8) << 20;
+
+// Gradients of a 'same' conv: (dL/dz, dL/dw). A batch whose dL/dz exceeds kGradInputCallBytes is done in groups of
+// samples written into `buffer` (allocated on first use, z's shape, kept by the caller from layer to layer).
+std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& g, const at::Tensor& z, const at::Tensor& w,
+                                                      at::Tensor& buffer) {
   const std::vector<int64_t> one{1, 1, 1};
   if (!use_onednn(z)) {
     auto r = at::convolution_backward(g, z, w, c10::nullopt, one, same_padding(w), one, false, {0, 0, 0}, 1,
@@ -434,8 +444,19 @@ std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& g, const
   }
   // the transposed 'same' conv of an odd kernel is the 'same' conv with the flipped, transposed kernel
   auto w_t = w.flip({2, 3, 4}).transpose(0, 1).contiguous();
-  auto grad_z = at::mkldnn_convolution(g, w_t, {}, same_padding(w), one, one, 1);
-  return {grad_z, conv_same_grad_weight(g, z, w)};
+  const int64_t N = z.size(0), sample_bytes = z.numel() / std::max<int64_t>(N, 1) * int64_t(z.element_size());
+  const int64_t group =
+      std::clamp<int64_t>(kGradInputCallBytes / std::max<int64_t>(sample_bytes, 1), 1, std::max<int64_t>(N, 1));
+  if (group >= N) {
+    return {at::mkldnn_convolution(g, w_t, {}, same_padding(w), one, one, 1), conv_same_grad_weight(g, z, w)};
+  }
+  if (!buffer.defined() || !buffer.sizes().equals(z.sizes())) buffer = empty_huge(z.sizes(), z.options());
+  for (int64_t n0 = 0; n0 < N; n0 += group) {
+    const int64_t len = std::min(group, N - n0);
+    auto part = at::mkldnn_convolution(g.narrow(0, n0, len), w_t, {}, same_padding(w), one, one, 1);
+    buffer.narrow(0, n0, len).copy_(part);
+  }
+  return {buffer, conv_same_grad_weight(g, z, w)};
 }
 
 // Synchronised BN: this process's biased (mean, var) of `channels` channels replaced, in place, by the group's.
@@ -477,7 +498,7 @@ DenseForward forward_impl(const at::Tensor& x_in, const TensorList& bn1_weight, 
                           const StatsMerge& merge_stats) {
   const Geometry g = make_geometry(x_in, conv1_weight, conv2_weight);
   const bool synced = training && bool(merge_stats);
-  auto y = at::empty({g.N, g.Ctot, g.T, g.H, g.W}, x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  auto y = empty_huge({g.N, g.Ctot, g.T, g.H, g.W}, x_in.options());
   y.narrow(1, 0, g.C0).copy_(x_in);
   scalar_t* yp = y.data_ptr<scalar_t>();
 
@@ -514,7 +535,7 @@ DenseForward forward_impl(const at::Tensor& x_in, const TensorList& bn1_weight, 
       std::copy(chan_var.begin(), chan_var.begin() + cin, v1 + g.off1[i]);
     }
     auto bn1 = fold<scalar_t>(bn1_weight[i], bn1_bias[i], m1 + g.off1[i], v1 + g.off1[i], cin, eps);
-    if (!h.defined() || h.size(1) != bott) h = at::empty({g.N, bott, g.T, g.H, g.W}, y.options());
+    if (!h.defined() || h.size(1) != bott) h = empty_huge({g.N, bott, g.T, g.H, g.W}, y.options());
     auto w1 = conv1_weight[i].contiguous();
     const int64_t pc = chunk_positions(g, cin);
     bn_relu_conv1x1(yp, g, cin, bn1, w1.data_ptr<scalar_t>(), bott, h.data_ptr<scalar_t>(), pc,
@@ -545,7 +566,7 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
   const Geometry g = make_geometry(y.narrow(1, 0, c0), conv1_weight, conv2_weight);
   const scalar_t* yp = y.data_ptr<scalar_t>();
   // dL/dy accumulated over the layers (the local part of every BN1 backward lands here)
-  auto G = at::empty_like(y);
+  auto G = empty_huge(y.sizes(), y.options());
   G.copy_(grad_y);
   scalar_t* gp_buf = G.data_ptr<scalar_t>();
   // pending affine BN1-backward corrections per buffer channel: dL/dy[c] += corr_a[c] + corr_b[c] * y[c]
@@ -564,12 +585,13 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
   const int64_t threads = at::get_num_threads();
 
   TensorList g_bn1_w(L), g_bn1_b(L), g_conv1(L), g_bn2_w(L), g_bn2_b(L), g_conv2(L);
-  at::Tensor h, z2;
+  at::Tensor h, z2, gout, grad_z2_buffer;
   for (int64_t i = L - 1; i >= 0; --i) {
     const int64_t cin = g.cin[i], bott = g.bott[i], k = g.growth[i];
     auto opts = y.options();
-    // 1. this layer's output gradient is complete once its channels' pending corrections are applied
-    auto gout = at::empty({g.N, k, g.T, g.H, g.W}, opts);
+    // 1. this layer's output gradient is complete once its channels' pending corrections are applied (the buffer
+    // reused from layer to layer, like h and z2)
+    if (!gout.defined() || gout.size(1) != k) gout = empty_huge({g.N, k, g.T, g.H, g.W}, opts);
     {
       scalar_t* go = gout.data_ptr<scalar_t>();
       at::parallel_for(0, g.N * k, 1, [&](int64_t begin, int64_t end) {
@@ -588,13 +610,13 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
     const int64_t pc = chunk_positions(g, cin);
     // h and z2 are reused from layer to layer: fresh pages of a new allocation cost a page fault each
     if (!h.defined() || h.size(1) != bott) {
-      h = at::empty({g.N, bott, g.T, g.H, g.W}, opts);
-      z2 = at::empty_like(h);
+      h = empty_huge({g.N, bott, g.T, g.H, g.W}, opts);
+      z2 = empty_huge(h.sizes(), opts);
     }
     bn_relu_conv1x1(yp, g, cin, bn1, w1p, bott, h.data_ptr<scalar_t>(), pc, nullptr);
     bn_relu_apply(h.data_ptr<scalar_t>(), z2.data_ptr<scalar_t>(), g, bott, bn2);
     // 3. conv2 backward
-    auto [grad_z2, grad_w2] = conv_same_backward(gout, z2, conv2_weight[i]);
+    auto [grad_z2, grad_w2] = conv_same_backward(gout, z2, conv2_weight[i], grad_z2_buffer);
     grad_z2 = grad_z2.contiguous();
     g_conv2[i] = grad_w2;
     // 4. BN2 backward's sums per channel; the rest of it (dL/dh from grad_z2 and h) is done chunk by chunk in step 5,
@@ -700,7 +722,7 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
     g_bn1_b[i] = at::from_blob(sum_g1.data(), {cin}, dopt).to(y.scalar_type(), false, /*copy=*/true);
   }
   // the input's gradient: its channels' slice of G plus their pending corrections
-  auto grad_x = at::empty({g.N, g.C0, g.T, g.H, g.W}, y.options());
+  auto grad_x = empty_huge({g.N, g.C0, g.T, g.H, g.W}, y.options());
   scalar_t* gx = grad_x.data_ptr<scalar_t>();
   at::parallel_for(0, g.N * g.C0, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {

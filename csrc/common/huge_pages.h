@@ -1,0 +1,28 @@
+// Large per-call CPU buffers advised for transparent huge pages before their first touch (where the kernel grants
+// them on request: THP in madvise mode). A fresh buffer otherwise costs one page fault per 4 KB when first written:
+// measured here, 1 thread, a fresh 45 MB tensor filled in 19 ms with 4 KB pages and in 3 ms with the advice. glibc
+// returns big freed blocks to the system (mmap, heap trim), so buffers of tens of MB are fresh on every call.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace t3d {
+
+inline at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts.memory_format(at::MemoryFormat::Contiguous));
+#ifdef __linux__
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + t.nbytes()) & ~(kHuge - 1);
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // advice only: a refusal changes nothing
+#endif
+  return t;
+}
+
+}  // namespace t3d
