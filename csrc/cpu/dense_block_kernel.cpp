@@ -13,10 +13,11 @@
 //   2. h and z2 = BN2-ReLU(h) are recomputed (step 1 of the forward without statistics);
 //   3. conv2 backward: grad input as a oneDNN conv with the flipped, transposed kernel; grad weight by
 //      at::convolution_backward (batch 1 split in two halves along T with a halo so oneDNN takes it);
-//   4. BN2 backward per channel (both passes while the channel is in cache);
-//   5. conv1 backward fused with BN1 backward, chunked like the forward: recompute the normalized chunk, grad input
-//      and grad W1 by GEMMs, then one pass adds scale*gp to G and the two per-channel sums; the rest of BN1's
-//      backward is an affine correction per channel, added to the pending one (see the header).
+//   4. BN2 backward's two sums per channel (one read of grad z2 and h);
+//   5. conv1 backward fused with the rest of BN2's backward and with BN1's, chunked like the forward: dL/dh of the
+//      chunk from grad z2 and h into a contiguous scratch, recompute the normalized chunk, grad input and grad W1 by
+//      GEMMs, then one pass adds scale*gp to G and the two per-channel sums; the rest of BN1's backward is an affine
+//      correction per channel, added to the pending one (see the header).
 // Synchronised BN (csrc/dense_block.h): the statistics of each set of channels are merged over the group right after
 // they are computed (steps 1 and 3 of the forward), and the two sums of each BN backward (steps 4 and 5) are summed
 // over the group before its affine correction is formed; without a group none of this runs.
@@ -27,6 +28,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <memory>
 #include <vector>
 
 #include "common/dense_block_math.h"
@@ -217,20 +219,21 @@ void row_masked_sums(const T* g, const T* x, T* dst, int64_t len, T s, T t, T ce
   }
 }
 
-// g = s * (g where h * s + t > 0) + alpha + beta * h  (BN-ReLU backward, in place)
-T3D_CLONES void row_bn_backward(float* g, const float* h, int64_t len, float s, float t, float alpha, float beta) {
+// out = s * (g where h * s + t > 0) + alpha + beta * h  (BN-ReLU backward)
+T3D_CLONES void row_bn_backward(const float* g, const float* h, float* out, int64_t len, float s, float t,
+                                float alpha, float beta) {
   const v16f sv = splat16(s), tv = splat16(t), av = splat16(alpha), bv = splat16(beta), zero = v16f{};
   int64_t j = 0;
   for (; j + kLanes <= len; j += kLanes) {
     const v16f hv = load16(h + j);
     const v16f gp = hv * sv + tv > zero ? load16(g + j) : zero;
-    store16(g + j, sv * gp + av + bv * hv);
+    store16(out + j, sv * gp + av + bv * hv);
   }
-  for (; j < len; ++j) g[j] = s * dense::relu_grad(g[j], h[j], s, t) + alpha + beta * h[j];
+  for (; j < len; ++j) out[j] = s * dense::relu_grad(g[j], h[j], s, t) + alpha + beta * h[j];
 }
 template <typename T>
-void row_bn_backward(T* g, const T* h, int64_t len, T s, T t, T alpha, T beta) {
-  for (int64_t j = 0; j < len; ++j) g[j] = s * dense::relu_grad(g[j], h[j], s, t) + alpha + beta * h[j];
+void row_bn_backward(const T* g, const T* h, T* out, int64_t len, T s, T t, T alpha, T beta) {
+  for (int64_t j = 0; j < len; ++j) out[j] = s * dense::relu_grad(g[j], h[j], s, t) + alpha + beta * h[j];
 }
 
 // out = src + a + b * y  (a pending BN correction applied)
@@ -274,10 +277,11 @@ Geometry make_geometry(const at::Tensor& x, const TensorList& conv1_weight, cons
   return g;
 }
 
-// Positions per chunk of the fused BN-ReLU + 1x1x1 conv: the normalized chunk (cin x chunk) stays in L2, and there
-// are at least as many chunks as threads.
+// Positions per chunk of the fused BN-ReLU + 1x1x1 conv: the normalized chunk (cin x chunk) is 2^18 elements (1 MiB in
+// float32, this CPU's L2: halving it made the chunk GEMMs slower here), and there are at least as many chunks as
+// threads.
 int64_t chunk_positions(const Geometry& g, int64_t cin) {
-  int64_t pc = std::clamp<int64_t>((int64_t(1) << 17) / std::max<int64_t>(cin, 1), 64, 1024);
+  int64_t pc = std::clamp<int64_t>((int64_t(1) << 18) / std::max<int64_t>(cin, 1), 64, 1024);
   const int64_t threads = at::get_num_threads();
   const int64_t per_sample = (threads + g.N - 1) / g.N;
   pc = std::min(pc, (g.P + per_sample - 1) / per_sample);
@@ -335,18 +339,18 @@ void bn_relu_conv1x1(const scalar_t* y, const Geometry& g, int64_t cin, const Fo
   const int64_t chunks = g.N * per_sample;
   if (chunk_stats) chunk_stats->assign(chunks * bott * 2, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> a(cin * pc);
+    std::unique_ptr<scalar_t[]> a(new scalar_t[cin * pc]);  // scratch, written before it is read
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t n = chunk / per_sample;
       const int64_t p0 = (chunk % per_sample) * pc;
       const int64_t len = std::min(pc, g.P - p0);
       const scalar_t* src = y + n * g.Ctot * g.P + p0;
       for (int64_t c = 0; c < cin; ++c) {
-        row_bn_relu(src + c * g.P, a.data() + c * len, len, bn.scale[c], bn.shift[c]);
+        row_bn_relu(src + c * g.P, a.get() + c * len, len, bn.scale[c], bn.shift[c]);
       }
       scalar_t* hc = h + n * bott * g.P + p0;
       // row-major h_chunk (bott x len, ld P) = W1 (bott x cin) @ a (cin x len), as column-major h^T = a^T W1^T
-      gemm<scalar_t>(false, false, len, bott, cin, scalar_t(1), a.data(), len, w1, cin, scalar_t(0), hc, g.P);
+      gemm<scalar_t>(false, false, len, bott, cin, scalar_t(1), a.get(), len, w1, cin, scalar_t(0), hc, g.P);
       if (chunk_stats) {
         double* st = chunk_stats->data() + chunk * bott * 2;
         for (int64_t b = 0; b < bott; ++b) {
@@ -593,54 +597,47 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
     auto [grad_z2, grad_w2] = conv_same_backward(gout, z2, conv2_weight[i]);
     grad_z2 = grad_z2.contiguous();
     g_conv2[i] = grad_w2;
-    // 4. BN2 backward, in place: grad_z2 becomes dL/dh. Unsynchronised, both passes over a channel run while it is
-    // in cache; synchronised, the group's sums of every channel are needed between them.
+    // 4. BN2 backward's sums per channel; the rest of it (dL/dh from grad_z2 and h) is done chunk by chunk in step 5,
+    // into a scratch the conv1 GEMMs read (contiguous: oneDNN's matmul copies a strided operand)
     std::vector<double> sum_g2(bott), sum_gx2(bott);
-    {
-      scalar_t* gz = grad_z2.data_ptr<scalar_t>();
-      const scalar_t* hp = h.data_ptr<scalar_t>();
-      auto apply = [&](int64_t b, double sg, double sgx) {
-        const scalar_t s = bn2.scale[b], t = bn2.shift[b];
-        double alpha = 0, beta = 0;
-        if (training) dense::bn_backward_affine<double>(s, double(bn2.invstd[b]), bn2.mean[b], sg, sgx, count, alpha,
-                                                        beta);
-        const scalar_t al = scalar_t(alpha), be = scalar_t(beta);
+    const scalar_t* gz = grad_z2.data_ptr<scalar_t>();
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    at::parallel_for(0, bott, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        double sg = 0, sgx = 0;
         for (int64_t n = 0; n < g.N; ++n) {
-          row_bn_backward(gz + (n * bott + b) * g.P, hp + (n * bott + b) * g.P, g.P, s, t, al, be);
+          row_masked_sums(gz + (n * bott + b) * g.P, hp + (n * bott + b) * g.P, static_cast<scalar_t*>(nullptr), g.P,
+                          bn2.scale[b], bn2.shift[b], scalar_t(bn2.mean[b]), sg, sgx);
         }
-      };
-      at::parallel_for(0, bott, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          const scalar_t s = bn2.scale[b], t = bn2.shift[b];
-          double sg = 0, sgx = 0;
-          for (int64_t n = 0; n < g.N; ++n) {
-            row_masked_sums(gz + (n * bott + b) * g.P, hp + (n * bott + b) * g.P, static_cast<scalar_t*>(nullptr),
-                            g.P, s, t, scalar_t(bn2.mean[b]), sg, sgx);
-          }
-          sum_g2[b] = sg;
-          sum_gx2[b] = sgx * double(bn2.invstd[b]);  // sum gp * xhat
-          if (!synced) apply(b, sum_g2[b], sum_gx2[b]);
-        }
-      });
-      if (synced) {
-        std::vector<double> group_g, group_gx;
-        reduce_over_group(reduce_sums, sum_g2.data(), sum_gx2.data(), bott, group_g, group_gx);
-        at::parallel_for(0, bott, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t b = begin; b < end; ++b) apply(b, group_g[b], group_gx[b]);
-        });
+        sum_g2[b] = sg;
+        sum_gx2[b] = sgx * double(bn2.invstd[b]);  // sum gp * xhat
+      }
+    });
+    std::vector<scalar_t> alpha2(bott, scalar_t(0)), beta2(bott, scalar_t(0));
+    if (training) {
+      std::vector<double> group_g, group_gx;
+      if (synced) reduce_over_group(reduce_sums, sum_g2.data(), sum_gx2.data(), bott, group_g, group_gx);
+      const std::vector<double>& sg = synced ? group_g : sum_g2;
+      const std::vector<double>& sgx = synced ? group_gx : sum_gx2;
+      for (int64_t b = 0; b < bott; ++b) {
+        double alpha, beta;
+        dense::bn_backward_affine<double>(bn2.scale[b], double(bn2.invstd[b]), bn2.mean[b], sg[b], sgx[b], count,
+                                          alpha, beta);
+        alpha2[b] = scalar_t(alpha);
+        beta2[b] = scalar_t(beta);
       }
     }
     auto dopt = opts.dtype(at::kDouble);
     g_bn2_w[i] = at::from_blob(sum_gx2.data(), {bott}, dopt).to(y.scalar_type(), false, /*copy=*/true);
     g_bn2_b[i] = at::from_blob(sum_g2.data(), {bott}, dopt).to(y.scalar_type(), false, /*copy=*/true);
-    // 5. conv1 backward fused with BN1 backward
-    const scalar_t* ghp = grad_z2.data_ptr<scalar_t>();
+    // 5. conv1 backward fused with the rest of BN2's backward and with BN1's
     std::vector<scalar_t> gw1_acc(threads * bott * cin, scalar_t(0));
     std::vector<double> sg_acc(threads * cin, 0.0), sgx_acc(threads * cin, 0.0);
     const int64_t per_sample = (g.P + pc - 1) / pc;
     at::parallel_for(0, g.N * per_sample, 1, [&](int64_t begin, int64_t end) {
-        const int64_t tid = at::get_thread_num();
-      std::vector<scalar_t> a(cin * pc), ga(cin * pc);
+      const int64_t tid = at::get_thread_num();
+      // scratch, every element written before it is read
+      std::unique_ptr<scalar_t[]> a(new scalar_t[cin * pc]), ga(new scalar_t[cin * pc]), gh(new scalar_t[bott * pc]);
       scalar_t* gw1 = gw1_acc.data() + tid * bott * cin;
       double* sg = sg_acc.data() + tid * cin;
       double* sgx = sgx_acc.data() + tid * cin;
@@ -650,16 +647,20 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
         const int64_t len = std::min(pc, g.P - p0);
         const scalar_t* src = yp + n * g.Ctot * g.P + p0;
         for (int64_t c = 0; c < cin; ++c) {
-          row_bn_relu(src + c * g.P, a.data() + c * len, len, bn1.scale[c], bn1.shift[c]);
+          row_bn_relu(src + c * g.P, a.get() + c * len, len, bn1.scale[c], bn1.shift[c]);
         }
-        const scalar_t* gh = ghp + n * bott * g.P + p0;
+        const int64_t hoff = n * bott * g.P + p0;
+        for (int64_t b = 0; b < bott; ++b) {
+          row_bn_backward(gz + hoff + b * g.P, hp + hoff + b * g.P, gh.get() + b * len, len, bn2.scale[b],
+                          bn2.shift[b], alpha2[b], beta2[b]);
+        }
         // ga (cin x len) = W1^T (cin x bott) @ gh (bott x len)
-        gemm<scalar_t>(false, true, len, cin, bott, scalar_t(1), gh, g.P, w1p, cin, scalar_t(0), ga.data(), len);
+        gemm<scalar_t>(false, true, len, cin, bott, scalar_t(1), gh.get(), len, w1p, cin, scalar_t(0), ga.get(), len);
         // gW1 (bott x cin) += gh (bott x len) @ a^T (len x cin)
-        gemm<scalar_t>(true, false, cin, bott, len, scalar_t(1), a.data(), len, gh, g.P, scalar_t(1), gw1, cin);
+        gemm<scalar_t>(true, false, cin, bott, len, scalar_t(1), a.get(), len, gh.get(), len, scalar_t(1), gw1, cin);
         scalar_t* gdst = gp_buf + n * g.Ctot * g.P + p0;
         for (int64_t c = 0; c < cin; ++c) {
-          row_masked_sums(ga.data() + c * len, src + c * g.P, gdst + c * g.P, len, bn1.scale[c], bn1.shift[c],
+          row_masked_sums(ga.get() + c * len, src + c * g.P, gdst + c * g.P, len, bn1.scale[c], bn1.shift[c],
                           scalar_t(bn1.mean[c]), sg[c], sgx[c]);
         }
       }
