@@ -16,6 +16,8 @@
 //      (t%2, h%2, w%2): within a class the same taps land, so a tile of positions shares one tap list and each
 //      position accumulates in registers, no scatter.
 //   5. the box filter's adjoint (a backward 2-window mean), ReLU mask and BN backward (two per-channel sums).
+// Few output positions (use_gemm_path: TTL3 of T3D-121) replace 2-4 by an im2col of the positions and GEMMs on the
+// weights' own rows (weights_major_forward / weights_major_backward): there the weights are the big operand.
 //
 // Summation order. Every reduction is blocked: a register tile sums one block of about kSumBlock terms from zero,
 // the block results are added into a separate tile, and those tiles (one per kernel call) into the result. One
