@@ -33,10 +33,7 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
+#include "common/huge_pages.h"
 #include "common/ttl_math.h"
 #include "ttl.h"
 
@@ -99,22 +96,6 @@ Problem make_problem(const at::Tensor& x, const std::vector<at::Tensor>& weights
   }
   pb.C_out = y_off;
   return pb;
-}
-
-// at::empty whose pages are advised for transparent huge pages before their first touch (where the kernel grants
-// them on request, madvise mode). A fresh tensor of a few MB otherwise costs one page fault per 4 KB when first
-// written: measured here, 1 thread, a fresh 45 MB tensor filled in 19 ms with 4 KB pages and in 3 ms with the advice
-// (a read of 45 MB: 1.6 ms). TTL3's weight gradients alone are 45 MB per call.
-at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& opts,
-                      at::MemoryFormat fmt = at::MemoryFormat::Contiguous) {
-  at::Tensor t = at::empty(sizes, opts.memory_format(fmt));
-#ifdef __linux__
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + t.nbytes()) & ~(kHuge - 1);
-  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // advice only: a refusal changes nothing
-#endif
-  return t;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1068,7 +1049,7 @@ at::Tensor source_workspace(at::IntArrayRef sizes, const at::TensorOptions& opts
   if (bytes > kMaxWorkspaceBytes) return at::empty(sizes, opts);
   if (!buffer.defined() || buffer.numel() < bytes) {
     buffer.reset();  // free the old one before the larger one is allocated
-    buffer = at::empty({bytes}, opts.dtype(at::kByte));
+    buffer = empty_huge({bytes}, opts.dtype(at::kByte));
   }
   // a view of the buffer's storage: it stays valid for the call even if a later call on this thread grows the buffer
   return buffer.narrow(0, 0, bytes).view(c10::typeMetaToScalarType(opts.dtype())).view(sizes);
