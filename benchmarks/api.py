@@ -95,7 +95,9 @@ class BenchConfig:
     compile_model_train: bool = False  # also compile whole models' training graph (minutes on a small CPU)
     # batch sizes whose cases keep their "compile" contenders (None: all); compiling is the slow part of the suite
     compile_batches: tuple[int, ...] | None = (1,)
-    time_budget_s: float = 3.0  # per contender and pass: fewer repeats (>= 3) when one call is slow
+    time_budget_s: float = 3.0  # per contender and pass: fewer repeats (>= 3) when one call is slow ...
+    # ... and more, up to this many, when the calls are fast (a narrower CI of the speed-up; None: repeats)
+    max_repeats: int | None = None
     check: bool = True  # compare each contender's forward output with the baseline's (max_rel_err)
     precision: str = "fp32"
     timer: str = "wall"  # "wall": perf_counter on CPU, CUDA events on GPU; "kernel": profiler's GPU kernel time

@@ -62,7 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (compiling) call")
     p.add_argument(
-        "--time-budget", type=float, default=3.0, help="seconds per row: slow rows use fewer repeats (never below 3)"
+        "--time-budget",
+        type=float,
+        default=3.0,
+        help="seconds per row: slow rows use fewer repeats (never below 3), fast rows more (up to --max-repeats)",
+    )
+    p.add_argument(
+        "--max-repeats",
+        type=int,
+        default=None,
+        help="most timed rounds of a fast row within --time-budget (default 3 x --repeats): more paired ratios, "
+        "a narrower confidence interval of the speed-up",
     )
     p.add_argument(
         "--max-warmup", type=int, default=20, help="most untimed calls while waiting for the times to be stable"
@@ -202,6 +212,9 @@ def compile_smallest_batch(cases: list[Case]) -> None:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.repeats < 1:
         raise ValueError(f"--repeats: expected an integer >= 1, got {args.repeats}")
+    max_repeats = 3 * args.repeats if args.max_repeats is None else args.max_repeats
+    if max_repeats < args.repeats:
+        raise ValueError(f"--max-repeats: expected an integer >= --repeats ({args.repeats}), got {max_repeats}")
     if args.threads < 0:
         raise ValueError(f"--threads: expected an integer >= 0, got {args.threads}")
     if not args.noise > 0 or args.remeasure < 0:
@@ -225,6 +238,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         compile_model_train=args.compile_model_train,
         compile_batches=_compile_batches(args),
         time_budget_s=args.time_budget,
+        max_repeats=max_repeats,
         check=args.check,
         max_warmup=args.max_warmup,
         noise=args.noise,

@@ -257,11 +257,13 @@ def _measure_pass(
         return
     repeats = cfg.repeats
     if cfg.time_budget_s:
-        # the pass takes about time_budget_s per contender; a slow call gets fewer repeats, never below 3
+        # the pass takes about time_budget_s per contender: a slow call gets fewer rounds (never below 3), fast
+        # calls more, up to max_repeats (more paired ratios: a narrower confidence interval of the speed-up)
         round_ms = sum((e.warm[-1] if e.warm else e.first_ms) for e in live)
         if round_ms > 0:
             fit = int(cfg.time_budget_s * 1e3 * len(live) / round_ms)
-            repeats = max(min(cfg.repeats, 3), min(cfg.repeats, fit))
+            most = max(cfg.repeats, cfg.max_repeats or cfg.repeats)
+            repeats = max(min(cfg.repeats, 3), min(most, fit))
     failed: dict[int, BaseException] = {}
 
     def timed(i: int) -> float:

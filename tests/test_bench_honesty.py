@@ -170,6 +170,17 @@ def test_slow_calls_get_fewer_repeats_within_the_budget():
     assert [r["repeats"] for r in rows] == [3, 3]
 
 
+def test_fast_calls_get_more_repeats_up_to_the_most_allowed():
+    machine = FakeMachine({"eager": 20.0, "fused": 5.0})
+    rows = run_cases([_case(machine)], _cfg(repeats=9, time_budget_s=3.0, max_repeats=27), timer=machine)
+    assert [r["repeats"] for r in rows] == [27, 27]  # 6 s of budget fits 240 rounds of 25 ms: capped at 27
+    machine = FakeMachine({"eager": 200.0, "fused": 50.0})
+    rows = run_cases([_case(machine)], _cfg(repeats=9, time_budget_s=3.0, max_repeats=27), timer=machine)
+    assert [r["repeats"] for r in rows] == [24, 24]  # 6 s / 250 ms: 24 rounds
+    rows = run_cases([_case(machine)], _cfg(repeats=9, time_budget_s=3.0), timer=machine)
+    assert [r["repeats"] for r in rows] == [9, 9]  # max_repeats unset: the repeats asked for
+
+
 def test_kernel_timer_needs_cuda():
     with pytest.raises(ValueError, match="timer: 'kernel' .* needs a CUDA device"):
         kernel_timer(torch.device("cpu"))

@@ -187,6 +187,7 @@ def test_fail_if_slower_exit_status(tmp_path, capsys, speedup, ratio, status):
         (["--shape", "model:99:1,32,112,112"], "--shape"),
         (["--shape", "model:1,4,8,8"], "clip"),
         (["--repeats", "0"], "--repeats"),
+        (["--repeats", "9", "--max-repeats", "5"], "--max-repeats"),
         (["--device", "cpu", "--timer", "kernel"], "--timer"),
         (["--device", "cpu", "--profile"], "--profile"),
         (["--noise", "0"], "--noise"),
