@@ -44,7 +44,7 @@ def test_cli_tiny_run_writes_json_csv_png(tmp_path, capsys):
     status = cli.main(
         ["--shape", TINY_TTL, "--passes", "forward,train", "--repeats", "1", "--warmup", "0", "--no-compile"]
         # what is written, not how quiet the machine is: no row of this smoke run is judged by the speed canary
-        + ["--canary-drop", "0.999", "--out", str(tmp_path)]
+        + ["--max-repeats", "1", "--canary-drop", "0.999", "--out", str(tmp_path)]
     )
     assert status == 0
     result = json.loads((tmp_path / "latest.json").read_text())
@@ -98,7 +98,7 @@ def test_cli_tiny_run_writes_json_csv_png(tmp_path, capsys):
 def test_cli_tiny_model_run(tmp_path):
     # the tiny T3D; batch 2: its last stage at 16x32x32 is 1x1x1, and batch norm needs 2 values per channel
     argv = ["--shape", "model:tiny:2,16,32,32", "--repeats", "1", "--warmup", "0", "--no-compile", "--no-plot"]
-    argv += ["--canary-drop", "0.999"]  # what is measured, not how quiet the machine is
+    argv += ["--max-repeats", "1", "--canary-drop", "0.999"]  # what is measured, not how quiet the machine is
     assert cli.main(argv + ["--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "latest.json").read_text())["rows"]
     assert {(r["pass"], r["contender"]) for r in rows} == {
