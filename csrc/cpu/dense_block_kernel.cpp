@@ -484,6 +484,24 @@ void reduce_over_group(const SumsReduce& reduce_sums, const double* sum_g, const
   group_gx.assign(tp + channels, tp + 2 * channels);
 }
 
+// The affine correction (alpha, beta) of a training-mode BN backward for each of `channels` channels, from this
+// process's two sums (over the group's when synced), handed to apply(c, alpha, beta).
+template <typename Folded, typename Apply>
+void bn_backward_corrections(const Folded& bn, const std::vector<double>& sum_g, const std::vector<double>& sum_gx,
+                             int64_t channels, double count, bool synced, const SumsReduce& reduce_sums,
+                             Apply apply) {
+  std::vector<double> group_g, group_gx;
+  if (synced) reduce_over_group(reduce_sums, sum_g.data(), sum_gx.data(), channels, group_g, group_gx);
+  const std::vector<double>& sg = synced ? group_g : sum_g;
+  const std::vector<double>& sgx = synced ? group_gx : sum_gx;
+  for (int64_t c = 0; c < channels; ++c) {
+    double alpha, beta;
+    dense::bn_backward_affine<double>(bn.scale[c], double(bn.invstd[c]), bn.mean[c], sg[c], sgx[c], count, alpha,
+                                      beta);
+    apply(c, alpha, beta);
+  }
+}
+
 at::Tensor to_double_cat(const TensorList& list) {
   std::vector<at::Tensor> parts;
   for (const auto& t : list) parts.push_back(t.detach().reshape({-1}).to(at::kDouble));
@@ -637,17 +655,11 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
     });
     std::vector<scalar_t> alpha2(bott, scalar_t(0)), beta2(bott, scalar_t(0));
     if (training) {
-      std::vector<double> group_g, group_gx;
-      if (synced) reduce_over_group(reduce_sums, sum_g2.data(), sum_gx2.data(), bott, group_g, group_gx);
-      const std::vector<double>& sg = synced ? group_g : sum_g2;
-      const std::vector<double>& sgx = synced ? group_gx : sum_gx2;
-      for (int64_t b = 0; b < bott; ++b) {
-        double alpha, beta;
-        dense::bn_backward_affine<double>(bn2.scale[b], double(bn2.invstd[b]), bn2.mean[b], sg[b], sgx[b], count,
-                                          alpha, beta);
-        alpha2[b] = scalar_t(alpha);
-        beta2[b] = scalar_t(beta);
-      }
+      bn_backward_corrections(bn2, sum_g2, sum_gx2, bott, count, synced, reduce_sums,
+                              [&](int64_t b, double alpha, double beta) {
+                                alpha2[b] = scalar_t(alpha);
+                                beta2[b] = scalar_t(beta);
+                              });
     }
     auto dopt = opts.dtype(at::kDouble);
     g_bn2_w[i] = at::from_blob(sum_gx2.data(), {bott}, dopt).to(y.scalar_type(), false, /*copy=*/true);
@@ -705,17 +717,11 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
       sum_gx1[c] = sx * double(bn1.invstd[c]);
     }
     if (training) {
-      std::vector<double> group_g, group_gx;
-      if (synced) reduce_over_group(reduce_sums, sum_g1.data(), sum_gx1.data(), cin, group_g, group_gx);
-      const std::vector<double>& sg = synced ? group_g : sum_g1;
-      const std::vector<double>& sgx = synced ? group_gx : sum_gx1;
-      for (int64_t c = 0; c < cin; ++c) {
-        double alpha, beta;
-        dense::bn_backward_affine<double>(bn1.scale[c], double(bn1.invstd[c]), bn1.mean[c], sg[c], sgx[c], count,
-                                          alpha, beta);
-        corr_a[c] += alpha;
-        corr_b[c] += beta;
-      }
+      bn_backward_corrections(bn1, sum_g1, sum_gx1, cin, count, synced, reduce_sums,
+                              [&](int64_t c, double alpha, double beta) {
+                                corr_a[c] += alpha;
+                                corr_b[c] += beta;
+                              });
     }
     g_conv1[i] = gw1_t;
     g_bn1_w[i] = at::from_blob(sum_gx1.data(), {cin}, dopt).to(y.scalar_type(), false, /*copy=*/true);
