@@ -43,7 +43,7 @@ void check_dense_block_inputs(const at::Tensor& x, const TensorList& bn1_weight,
 
 namespace {
 
-DenseForward forward(const at::Tensor& x, const TensorList& bn1_weight, const TensorList& bn1_bias,
+DenseForwardCpu forward(const at::Tensor& x, const TensorList& bn1_weight, const TensorList& bn1_bias,
                      const TensorList& bn1_mean, const TensorList& bn1_var, const TensorList& conv1_weight,
                      const TensorList& bn2_weight, const TensorList& bn2_bias, const TensorList& bn2_mean,
                      const TensorList& bn2_var, const TensorList& conv2_weight, bool training, double eps,
@@ -51,8 +51,10 @@ DenseForward forward(const at::Tensor& x, const TensorList& bn1_weight, const Te
 #ifdef WITH_CUDA
   if (x.is_cuda()) {
     TORCH_CHECK(!merge_stats, "merge_stats: the CUDA dense block kernels take no process group");
-    return dense_block_forward_cuda(x, bn1_weight, bn1_bias, bn1_mean, bn1_var, conv1_weight, bn2_weight, bn2_bias,
-                                    bn2_mean, bn2_var, conv2_weight, training, eps);
+    auto [y, mean1, var1, mean2, var2] = dense_block_forward_cuda(
+        x, bn1_weight, bn1_bias, bn1_mean, bn1_var, conv1_weight, bn2_weight, bn2_bias, bn2_mean, bn2_var,
+        conv2_weight, training, eps);
+    return {y, mean1, var1, mean2, var2, at::empty({0}, x.options())};  // the CUDA backward recomputes h
   }
 #endif
   TORCH_CHECK(x.device().is_cpu(), "x: the dense block kernels of this build run on CPU tensors, got ", x.device());
@@ -64,7 +66,8 @@ DenseGrads backward(const at::Tensor& grad_y, const at::Tensor& y, const at::Ten
                     const at::Tensor& mean2, const at::Tensor& var2, const TensorList& bn1_weight,
                     const TensorList& bn1_bias, const TensorList& conv1_weight, const TensorList& bn2_weight,
                     const TensorList& bn2_bias, const TensorList& conv2_weight, bool training, double eps,
-                    const std::optional<SumsReduce>& reduce_sums, int64_t group_count) {
+                    const std::optional<SumsReduce>& reduce_sums, int64_t group_count,
+                    const std::optional<at::Tensor>& saved_h) {
 #ifdef WITH_CUDA
   if (y.is_cuda()) {
     TORCH_CHECK(!reduce_sums, "reduce_sums: the CUDA dense block kernels take no process group");
@@ -73,9 +76,9 @@ DenseGrads backward(const at::Tensor& grad_y, const at::Tensor& y, const at::Ten
   }
 #endif
   TORCH_CHECK(y.device().is_cpu(), "y: the dense block kernels of this build run on CPU tensors, got ", y.device());
-  return dense_block_backward_cpu(grad_y, y, mean1, var1, mean2, var2, bn1_weight, bn1_bias, conv1_weight,
-                                  bn2_weight, bn2_bias, conv2_weight, training, eps, reduce_sums.value_or(SumsReduce{}),
-                                  group_count);
+  return dense_block_backward_cpu(grad_y, y, mean1, var1, mean2, var2, saved_h.value_or(at::Tensor()), bn1_weight,
+                                  bn1_bias, conv1_weight, bn2_weight, bn2_bias, conv2_weight, training, eps,
+                                  reduce_sums.value_or(SumsReduce{}), group_count);
 }
 
 }  // namespace
@@ -83,19 +86,20 @@ DenseGrads backward(const at::Tensor& grad_y, const at::Tensor& y, const at::Ten
 void init_dense_block(pybind11::module& m) {
   namespace py = pybind11;
   m.def("dense_block_forward", &forward,
-        "fused dense block forward -> (y, mean1, var1, mean2, var2); merge_stats: None, or a callable (mean, var) "
-        "-> the process group's (mean, var) (synchronised BN); see csrc/dense_block.h",
+        "fused dense block forward -> (y, mean1, var1, mean2, var2, saved_h); merge_stats: None, or a callable "
+        "(mean, var) -> the process group's (mean, var) (synchronised BN); see csrc/dense_block.h",
         py::arg("x"), py::arg("bn1_weight"), py::arg("bn1_bias"), py::arg("bn1_mean"), py::arg("bn1_var"),
         py::arg("conv1_weight"), py::arg("bn2_weight"), py::arg("bn2_bias"), py::arg("bn2_mean"), py::arg("bn2_var"),
         py::arg("conv2_weight"), py::arg("training"), py::arg("eps"), py::arg("merge_stats") = py::none());
   m.def("dense_block_backward", &backward,
         "fused dense block backward -> (grad_x, grad_bn1_w, grad_bn1_b, grad_conv1, grad_bn2_w, grad_bn2_b, "
         "grad_conv2); reduce_sums: None, or a callable (sums) -> the sums over the process group, group_count the "
-        "group's elements per channel (synchronised BN); see csrc/dense_block.h",
+        "group's elements per channel (synchronised BN); saved_h: None or the forward's (CPU); see "
+        "csrc/dense_block.h",
         py::arg("grad_y"), py::arg("y"), py::arg("mean1"), py::arg("var1"), py::arg("mean2"), py::arg("var2"),
         py::arg("bn1_weight"), py::arg("bn1_bias"), py::arg("conv1_weight"), py::arg("bn2_weight"),
         py::arg("bn2_bias"), py::arg("conv2_weight"), py::arg("training"), py::arg("eps"),
-        py::arg("reduce_sums") = py::none(), py::arg("group_count") = 0);
+        py::arg("reduce_sums") = py::none(), py::arg("group_count") = 0, py::arg("saved_h") = py::none());
 }
 
 }  // namespace t3d

@@ -119,6 +119,7 @@ def _dense_block_onnx(
         op.Concat(*bn1_var, axis=0),
         op.Concat(*bn2_mean, axis=0),
         op.Concat(*bn2_var, axis=0),
+        op.Constant(value_floats=[]),  # saved_h: empty in eval
     )
 
 

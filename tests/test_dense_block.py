@@ -120,7 +120,7 @@ def test_opcheck(backend, device, training):
             t.requires_grad_()
         torch.library.opcheck(torch.ops.t3d.dense_block.default, args)
         with torch.no_grad():
-            y, m1, v1, m2, v2 = torch.ops.t3d.dense_block(*args)
+            y, m1, v1, m2, v2, saved_h = torch.ops.t3d.dense_block(*args)
         plain = lambda ts: [t.detach() for t in ts]  # noqa: E731
         bargs = (
             torch.randn_like(y),
@@ -129,6 +129,7 @@ def test_opcheck(backend, device, training):
             v1,
             m2,
             v2,
+            saved_h,
             *map(plain, (args[1], args[2], args[5], args[6], args[7], args[10])),
             training,
             1e-5,
@@ -171,7 +172,8 @@ def _saved_bytes(fn) -> int:
 
 @pytest.mark.parametrize("backend,device", [p for p in PAIRS if p not in INTERPRETED])
 def test_saved_memory_is_the_buffer(backend, device):
-    """What the fused block keeps for backward is its output buffer, the statistics and the parameters: O(L)."""
+    """What the fused block keeps for backward is its output buffer, the statistics and the parameters, and on the
+    CPU kernel the bottleneck h (before BN2) of the layers with C_i >= 2 B_i (here the last two of four): O(L)."""
     from t3d_kernels.nn import DenseBlock3d
 
     block = DenseBlock3d(4, 8, 4, 2, backend=backend).train().to(device)
@@ -181,7 +183,12 @@ def test_saved_memory_is_the_buffer(backend, device):
     fused = _saved_bytes(lambda: out.setdefault("y", block(x)))
     y = out["y"]
     stats = 2 * sum(m.norm1.num_features + m.norm2.num_features for m in block.layers()) * 4
-    assert fused == y.numel() * 4 + stats + params
+    kept_h = 0
+    if backend == "cpu":
+        widths = [m.norm2.num_features for m in block.layers() if m.norm1.num_features >= 2 * m.norm2.num_features]
+        assert len(widths) == 2
+        kept_h = x.numel() // x.shape[1] * sum(widths) * 4
+    assert fused == y.numel() * 4 + stats + params + kept_h
     block.backend = "reference"
     naive = _saved_bytes(lambda: block(x))
     assert naive > 2 * fused
@@ -255,4 +262,32 @@ def test_cpu_input_gradient_in_sample_groups():
     channels x 8x33x33 (4.5 MB each)."""
     sample = testing.dense_block_input((2, 8, 8, 33, 33), 1, 32, 4, seed=3)
     failures = check_backend(sample, "cpu", "cpu", torch.float32, steps=1)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.skipif(("cpu", "cpu") not in PAIRS, reason="the cpu dense block kernel is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_cpu_backward_with_and_without_kept_h(dtype):
+    """The cpu kernel keeps in training the h of the layers with C_i >= 2 B_i (saved_h; here layers 1 and 2 of 3:
+    C_i = 6, 8, 10, B = 4) and its backward skips their recompute; without saved_h it recomputes every h (the eval
+    path, also reached in training by a caller that passes none): both gradients agree, and those of the mixed
+    block match the reference."""
+    from t3d_kernels import _ext
+
+    x, spec = _functional_args(dtype=dtype, c0=6, layers=3)
+    args = _op_args(x, spec, True, "cpu")[:11]
+    y, m1, v1, m2, v2, saved_h = _ext.load().dense_block_forward(*args, True, 1e-5)
+    assert saved_h.shape == (x.numel() // x.shape[1] * 2 * 4,)
+    grad_y = torch.randn_like(y)
+    params = (args[1], args[2], args[5], args[6], args[7], args[10])
+    kept = _ext.load().dense_block_backward(grad_y, y, m1, v1, m2, v2, *params, True, 1e-5, saved_h=saved_h)
+    recomputed = _ext.load().dense_block_backward(grad_y, y, m1, v1, m2, v2, *params, True, 1e-5)
+    torch.testing.assert_close(kept[0], recomputed[0])
+    for a, b in zip(kept[1:], recomputed[1:], strict=True):
+        for ga, gb in zip(a, b, strict=True):
+            torch.testing.assert_close(ga, gb)
+    with pytest.raises(RuntimeError, match=r"saved_h: expected \d+ elements"):
+        _ext.load().dense_block_backward(grad_y, y, m1, v1, m2, v2, *params, True, 1e-5, saved_h=saved_h[1:])
+    sample = testing.dense_block_input((2, 6, 2, 3, 2), 3, 2, 2, seed=5)
+    failures = check_backend(sample, "cpu", "cpu", dtype, steps=1)
     assert not failures, "\n".join(failures)

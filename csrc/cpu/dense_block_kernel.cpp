@@ -5,12 +5,16 @@
 //      (C_i x chunk, sized to stay in L2) is written to a per-thread scratch and multiplied by W1 (oneDNN's matmul;
 //      MKL dgemm for float64; single-threaded inside at::parallel_for). Nothing normalized outlives the chunk. The
 //      per-chunk statistics of the bottleneck h are taken while the chunk is hot and merged (Chan) afterwards.
-//   2. BN2-ReLU in place on h, then the 3x3x3 conv by oneDNN (at::mkldnn_convolution: ATen's heuristic sends
-//      batch-1 convs of these shapes to the ~3x slower im2col path), written into the buffer slice of the layer.
+//   2. BN2-ReLU of h (in place in eval; into a reused buffer in training, where h is kept), then the 3x3x3 conv
+//      by oneDNN (at::mkldnn_convolution: ATen's heuristic sends batch-1 convs of these shapes to the ~3x slower
+//      im2col path), written into the buffer slice of the layer.
 //   3. Batch statistics of the k new channels, once; every later layer's BN1 shares them.
+// In training the forward keeps the h (before BN2) of the layers with C_i >= 2 B_i (keeps_h; the op's sixth output,
+// saved_h): backward then needs no BN1-ReLU + conv1 recompute for them.
 // Backward, layers in reverse, accumulating dL/dy in one buffer G:
 //   1. the layer's output gradient is completed by applying the pending affine BN corrections of its channels;
-//   2. h and z2 = BN2-ReLU(h) are recomputed (step 1 of the forward without statistics);
+//   2. z2 = BN2-ReLU(h) from the kept h, or (not kept) h recomputed by step 1 of the forward without statistics,
+//      z2 taken while each chunk of h is in cache;
 //   3. conv2 backward: grad input as a oneDNN conv with the flipped, transposed kernel; grad weight by
 //      at::convolution_backward (batch 1 split in two halves along T with a halo so oneDNN takes it);
 //   4. BN2 backward's two sums per channel (one read of grad z2 and h);
@@ -251,8 +255,15 @@ struct Geometry {
   int64_t layers;
   std::vector<int64_t> cin, growth, bott;  // per layer: C_i, k_i, B_i
   std::vector<int64_t> off1, off2;         // per layer: offset of its statistics in mean1/var1, mean2/var2
-  int64_t len1 = 0, len2 = 0;
+  std::vector<int64_t> offh;               // per layer: its first channel in saved_h, or -1 (h not kept)
+  int64_t len1 = 0, len2 = 0, lenh = 0;
 };
+
+// Whether the training forward keeps layer i's h for backward (csrc/dense_block.h; the op's Python fake applies the
+// same rule): where C_i >= 2 B_i, i.e. where recomputing h costs at least 4 FLOPs per kept element. Measured here
+// (1 thread): keeping every layer's h sped block3 b4's backward up 14% (C_i 256-992, B 128) but left block1 b1's
+// (C_i 64-224) unchanged, at 3x the buffer's memory.
+bool keeps_h(int64_t cin, int64_t bott) { return cin >= 2 * bott; }
 
 Geometry make_geometry(const at::Tensor& x, const TensorList& conv1_weight, const TensorList& conv2_weight) {
   Geometry g;
@@ -270,6 +281,8 @@ Geometry make_geometry(const at::Tensor& x, const TensorList& conv1_weight, cons
     g.growth.push_back(conv2_weight[i].size(0));
     g.off1.push_back(g.len1);
     g.off2.push_back(g.len2);
+    g.offh.push_back(keeps_h(c, g.bott.back()) ? g.lenh : -1);
+    if (g.offh.back() >= 0) g.lenh += g.bott.back();
     g.len1 += c;
     g.len2 += g.bott.back();
     c += g.growth.back();
@@ -332,10 +345,12 @@ void channel_stats(const scalar_t* y, const Geometry& g, int64_t c_begin, int64_
 }
 
 // h[n, :, chunk] = W1 @ relu(y[n, :cin, chunk] * scale + shift) for every chunk; with `chunk_stats`, also each
-// chunk's (mean, M2) of every bottleneck channel, for the training statistics of BN2.
+// chunk's (mean, M2) of every bottleneck channel, for the training statistics of BN2; with `z` (backward), also
+// z = relu(h * bn_z.scale + bn_z.shift) while the chunk of h is still in cache (one read of h from memory less).
 template <typename scalar_t>
 void bn_relu_conv1x1(const scalar_t* y, const Geometry& g, int64_t cin, const Folded<scalar_t>& bn,
-                     const scalar_t* w1, int64_t bott, scalar_t* h, int64_t pc, std::vector<double>* chunk_stats) {
+                     const scalar_t* w1, int64_t bott, scalar_t* h, int64_t pc, std::vector<double>* chunk_stats,
+                     const Folded<scalar_t>* bn_z = nullptr, scalar_t* z = nullptr) {
   const int64_t per_sample = (g.P + pc - 1) / pc;
   const int64_t chunks = g.N * per_sample;
   if (chunk_stats) chunk_stats->assign(chunks * bott * 2, 0.0);
@@ -359,6 +374,12 @@ void bn_relu_conv1x1(const scalar_t* y, const Geometry& g, int64_t cin, const Fo
           const double m = row_sum(row, len, false, 0.0) / double(len);
           st[2 * b] = m;
           st[2 * b + 1] = row_sum(row, len, true, m);
+        }
+      }
+      if (z) {
+        scalar_t* zc = z + n * bott * g.P + p0;
+        for (int64_t b = 0; b < bott; ++b) {
+          row_bn_relu(hc + b * g.P, zc + b * g.P, len, bn_z->scale[b], bn_z->shift[b]);
         }
       }
     }
@@ -509,7 +530,7 @@ at::Tensor to_double_cat(const TensorList& list) {
 }
 
 template <typename scalar_t>
-DenseForward forward_impl(const at::Tensor& x_in, const TensorList& bn1_weight, const TensorList& bn1_bias,
+DenseForwardCpu forward_impl(const at::Tensor& x_in, const TensorList& bn1_weight, const TensorList& bn1_bias,
                           const TensorList& bn1_mean, const TensorList& bn1_var, const TensorList& conv1_weight,
                           const TensorList& bn2_weight, const TensorList& bn2_bias, const TensorList& bn2_mean,
                           const TensorList& bn2_var, const TensorList& conv2_weight, bool training, double eps,
@@ -544,7 +565,12 @@ DenseForward forward_impl(const at::Tensor& x_in, const TensorList& bn1_weight, 
   double* m2 = mean2.data_ptr<double>();
   double* v2 = var2.data_ptr<double>();
 
-  at::Tensor h;
+  // In training the bottleneck h (before BN2) of every layer that keeps_h is kept for backward, layer after layer in
+  // one flat buffer (N * P * lenh elements): backward then skips the recompute of BN1-ReLU + conv1 (see the header).
+  // z, BN2-ReLU(h), is one buffer reused from layer to layer; a layer whose h is not kept computes h into it and
+  // applies BN2-ReLU in place.
+  auto saved_h = training ? empty_huge({g.N * g.P * g.lenh}, y.options()) : at::empty({0}, y.options());
+  at::Tensor h, z;
   std::vector<double> chunk_stats;
   for (int64_t i = 0; i < g.layers; ++i) {
     const int64_t cin = g.cin[i], bott = g.bott[i], k = g.growth[i];
@@ -553,7 +579,10 @@ DenseForward forward_impl(const at::Tensor& x_in, const TensorList& bn1_weight, 
       std::copy(chan_var.begin(), chan_var.begin() + cin, v1 + g.off1[i]);
     }
     auto bn1 = fold<scalar_t>(bn1_weight[i], bn1_bias[i], m1 + g.off1[i], v1 + g.off1[i], cin, eps);
-    if (!h.defined() || h.size(1) != bott) h = empty_huge({g.N, bott, g.T, g.H, g.W}, y.options());
+    if (!z.defined() || z.size(1) != bott) z = empty_huge({g.N, bott, g.T, g.H, g.W}, y.options());
+    h = training && g.offh[i] >= 0
+            ? saved_h.narrow(0, g.N * g.P * g.offh[i], g.N * g.P * bott).view({g.N, bott, g.T, g.H, g.W})
+            : z;
     auto w1 = conv1_weight[i].contiguous();
     const int64_t pc = chunk_positions(g, cin);
     bn_relu_conv1x1(yp, g, cin, bn1, w1.data_ptr<scalar_t>(), bott, h.data_ptr<scalar_t>(), pc,
@@ -561,19 +590,20 @@ DenseForward forward_impl(const at::Tensor& x_in, const TensorList& bn1_weight, 
     if (training) merge_chunk_stats(chunk_stats, g, bott, pc, m2 + g.off2[i], v2 + g.off2[i]);
     if (synced) merge_over_group(merge_stats, m2 + g.off2[i], v2 + g.off2[i], bott);
     auto bn2 = fold<scalar_t>(bn2_weight[i], bn2_bias[i], m2 + g.off2[i], v2 + g.off2[i], bott, eps);
-    bn_relu_apply(h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), g, bott, bn2);
-    y.narrow(1, cin, k).copy_(conv_same(h, conv2_weight[i]));
+    bn_relu_apply(h.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), g, bott, bn2);
+    y.narrow(1, cin, k).copy_(conv_same(z, conv2_weight[i]));
     if (training) channel_stats(yp, g, cin, cin + k, chan_mean.data(), chan_var.data());
     if (synced) merge_over_group(merge_stats, chan_mean.data() + cin, chan_var.data() + cin, k);
   }
   auto dt = x_in.scalar_type();
-  return {y, mean1.to(dt), var1.to(dt), mean2.to(dt), var2.to(dt)};
+  return {y, mean1.to(dt), var1.to(dt), mean2.to(dt), var2.to(dt), saved_h};
 }
 
 template <typename scalar_t>
 DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const at::Tensor& mean1_in,
                          const at::Tensor& var1_in, const at::Tensor& mean2_in, const at::Tensor& var2_in,
-                         const TensorList& bn1_weight, const TensorList& bn1_bias, const TensorList& conv1_weight,
+                         const at::Tensor& saved_h_in, const TensorList& bn1_weight, const TensorList& bn1_bias,
+                         const TensorList& conv1_weight,
                          const TensorList& bn2_weight, const TensorList& bn2_bias, const TensorList& conv2_weight,
                          bool training, double eps, const SumsReduce& reduce_sums, int64_t group_count) {
   auto y = y_in.contiguous();
@@ -583,6 +613,14 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
   for (const auto& w : conv2_weight) c0 -= w.size(0);
   const Geometry g = make_geometry(y.narrow(1, 0, c0), conv1_weight, conv2_weight);
   const scalar_t* yp = y.data_ptr<scalar_t>();
+  // the forward's h of every layer (training), or nothing: h is then recomputed
+  const bool have_h = saved_h_in.defined() && saved_h_in.numel() > 0;
+  TORCH_CHECK(!have_h || saved_h_in.numel() == g.N * g.P * g.lenh, "saved_h: expected ", g.N * g.P * g.lenh,
+              " elements (N * T * H * W * the bottleneck widths of the layers that keep h) or none, got ",
+              saved_h_in.numel());
+  TORCH_CHECK(!have_h || saved_h_in.scalar_type() == y.scalar_type(), "saved_h: expected dtype ", y.scalar_type(),
+              ", got ", saved_h_in.scalar_type());
+  auto saved_h = have_h ? saved_h_in.contiguous() : saved_h_in;
   // dL/dy accumulated over the layers (the local part of every BN1 backward lands here)
   auto G = empty_huge(y.sizes(), y.options());
   G.copy_(grad_y);
@@ -603,7 +641,7 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
   const int64_t threads = at::get_num_threads();
 
   TensorList g_bn1_w(L), g_bn1_b(L), g_conv1(L), g_bn2_w(L), g_bn2_b(L), g_conv2(L);
-  at::Tensor h, z2, gout, grad_z2_buffer;
+  at::Tensor h, h_buffer, z2, gout, grad_z2_buffer;
   for (int64_t i = L - 1; i >= 0; --i) {
     const int64_t cin = g.cin[i], bott = g.bott[i], k = g.growth[i];
     auto opts = y.options();
@@ -620,19 +658,22 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
         }
       });
     }
-    // 2. recompute h and z2
+    // 2. h (kept by the forward, or recomputed) and z2
     auto bn1 = fold<scalar_t>(bn1_weight[i], bn1_bias[i], m1 + g.off1[i], v1 + g.off1[i], cin, eps);
     auto bn2 = fold<scalar_t>(bn2_weight[i], bn2_bias[i], m2 + g.off2[i], v2 + g.off2[i], bott, eps);
     auto w1 = conv1_weight[i].contiguous();
     const scalar_t* w1p = w1.data_ptr<scalar_t>();
     const int64_t pc = chunk_positions(g, cin);
-    // h and z2 are reused from layer to layer: fresh pages of a new allocation cost a page fault each
-    if (!h.defined() || h.size(1) != bott) {
-      h = empty_huge({g.N, bott, g.T, g.H, g.W}, opts);
-      z2 = empty_huge(h.sizes(), opts);
+    // the buffers of z2 and of a recomputed h are reused from layer to layer: fresh pages cost a page fault each
+    if (!z2.defined() || z2.size(1) != bott) z2 = empty_huge({g.N, bott, g.T, g.H, g.W}, opts);
+    if (have_h && g.offh[i] >= 0) {
+      h = saved_h.narrow(0, g.N * g.P * g.offh[i], g.N * g.P * bott).view({g.N, bott, g.T, g.H, g.W});
+      bn_relu_apply(h.data_ptr<scalar_t>(), z2.data_ptr<scalar_t>(), g, bott, bn2);
+    } else {
+      if (!h_buffer.defined() || h_buffer.size(1) != bott) h_buffer = empty_huge(z2.sizes(), opts);
+      h = h_buffer;
+      bn_relu_conv1x1(yp, g, cin, bn1, w1p, bott, h.data_ptr<scalar_t>(), pc, nullptr, &bn2, z2.data_ptr<scalar_t>());
     }
-    bn_relu_conv1x1(yp, g, cin, bn1, w1p, bott, h.data_ptr<scalar_t>(), pc, nullptr);
-    bn_relu_apply(h.data_ptr<scalar_t>(), z2.data_ptr<scalar_t>(), g, bott, bn2);
     // 3. conv2 backward
     auto [grad_z2, grad_w2] = conv_same_backward(gout, z2, conv2_weight[i], grad_z2_buffer);
     grad_z2 = grad_z2.contiguous();
@@ -742,7 +783,7 @@ DenseGrads backward_impl(const at::Tensor& grad_y, const at::Tensor& y_in, const
 
 }  // namespace
 
-DenseForward dense_block_forward_cpu(const at::Tensor& x, const TensorList& bn1_weight, const TensorList& bn1_bias,
+DenseForwardCpu dense_block_forward_cpu(const at::Tensor& x, const TensorList& bn1_weight, const TensorList& bn1_bias,
                                      const TensorList& bn1_mean, const TensorList& bn1_var,
                                      const TensorList& conv1_weight, const TensorList& bn2_weight,
                                      const TensorList& bn2_bias, const TensorList& bn2_mean, const TensorList& bn2_var,
@@ -762,13 +803,14 @@ DenseForward dense_block_forward_cpu(const at::Tensor& x, const TensorList& bn1_
 
 DenseGrads dense_block_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& mean1,
                                     const at::Tensor& var1, const at::Tensor& mean2, const at::Tensor& var2,
-                                    const TensorList& bn1_weight, const TensorList& bn1_bias,
-                                    const TensorList& conv1_weight, const TensorList& bn2_weight,
-                                    const TensorList& bn2_bias, const TensorList& conv2_weight, bool training,
-                                    double eps, const SumsReduce& reduce_sums, int64_t group_count) {
+                                    const at::Tensor& saved_h, const TensorList& bn1_weight,
+                                    const TensorList& bn1_bias, const TensorList& conv1_weight,
+                                    const TensorList& bn2_weight, const TensorList& bn2_bias,
+                                    const TensorList& conv2_weight, bool training, double eps,
+                                    const SumsReduce& reduce_sums, int64_t group_count) {
   TORCH_CHECK(grad_y.sizes() == y.sizes(), "grad_y: expected shape ", y.sizes(), ", got ", grad_y.sizes());
   return T3D_DISPATCH_FP32_FP64(y, "y", "CPU dense block kernel", [&] {
-    return backward_impl<scalar_t>(grad_y, y, mean1, var1, mean2, var2, bn1_weight, bn1_bias, conv1_weight,
+    return backward_impl<scalar_t>(grad_y, y, mean1, var1, mean2, var2, saved_h, bn1_weight, bn1_bias, conv1_weight,
                                    bn2_weight, bn2_bias, conv2_weight, training, eps, reduce_sums, group_count);
   });
 }

@@ -58,13 +58,13 @@ def _compiled_forward(*args, group=""):
     )
 
 
-def _compiled_backward(*args, group=""):
+def _compiled_backward(*args, group="", saved_h=None):
     if not group:
-        return _ext.load().dense_block_backward(*args)
+        return _ext.load().dense_block_backward(*args, saved_h=saved_h)
     y = args[1]
     total = sync.total_count(y.numel() // y.shape[1], y.device, group)
     return _ext.load().dense_block_backward(
-        *args, reduce_sums=lambda sums: sync.all_reduce_sums([sums], group)[0], group_count=total
+        *args, reduce_sums=lambda sums: sync.all_reduce_sums([sums], group)[0], group_count=total, saved_h=saved_h
     )
 
 
@@ -149,8 +149,10 @@ def _dense_block_op(
     eps: float,
     backend: str,
     group: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean1, var1, mean2, var2 = get("dense_block", backend).impl["forward"](
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # the sixth output, saved_h, is what the backend keeps for backward besides y (the CPU kernel in training: the
+    # bottleneck h before BN2 of the layers with C_i >= 2 B_i, flat; _saved_h_numel); empty for the others
+    y, mean1, var1, mean2, var2, *saved = get("dense_block", backend).impl["forward"](
         x,
         bn1_weight,
         bn1_bias,
@@ -166,7 +168,19 @@ def _dense_block_op(
         eps,
         group=group,
     )
-    return y, mean1, var1, mean2, var2
+    saved_h = saved[0] if saved and saved[0] is not None else x.new_empty(0)
+    return y, mean1, var1, mean2, var2, saved_h
+
+
+def _saved_h_numel(x, conv1_weight, conv2_weight, training: bool, backend: str) -> int:
+    """Elements of the op's saved_h: in training the CPU kernel keeps the h of every layer with C_i >= 2 B_i
+    (csrc/dense_block.h, keeps_h in csrc/cpu/dense_block_kernel.cpp)."""
+    if not (training and backend == "cpu" and x.device.type == "cpu"):
+        return 0
+    n, c0, t, h, w = x.shape
+    widths = [int(w1.shape[0]) for w1 in conv1_weight]
+    kept = sum(b for c, b in zip(layer_channels(c0, conv2_weight), widths, strict=True) if c >= 2 * b)
+    return n * t * h * w * kept
 
 
 @_dense_block_op.register_fake
@@ -192,7 +206,8 @@ def _(
     len1 = sum(layer_channels(c0, conv2_weight))
     len2 = sum(int(w1.shape[0]) for w1 in conv1_weight)
     sdt = bn1_weight[0].dtype  # the statistics come in the BN parameters' dtype
-    return y, *(x.new_empty(m, dtype=sdt) for m in (len1, len1, len2, len2))
+    saved_h = x.new_empty(_saved_h_numel(x, conv1_weight, conv2_weight, training, backend))
+    return y, *(x.new_empty(m, dtype=sdt) for m in (len1, len1, len2, len2)), saved_h
 
 
 @torch.library.custom_op("t3d::dense_block_backward", mutates_args=())
@@ -203,6 +218,7 @@ def _dense_block_backward_op(
     var1: torch.Tensor,
     mean2: torch.Tensor,
     var2: torch.Tensor,
+    saved_h: torch.Tensor,
     bn1_weight: list[torch.Tensor],
     bn1_bias: list[torch.Tensor],
     conv1_weight: list[torch.Tensor],
@@ -222,6 +238,8 @@ def _dense_block_backward_op(
     list[torch.Tensor],
     list[torch.Tensor],
 ]:
+    # only a backend whose forward kept something takes saved_h
+    kept = {"saved_h": saved_h} if saved_h.numel() else {}
     grads = get("dense_block", backend).impl["backward"](
         grad_y.contiguous(),
         y,
@@ -238,6 +256,7 @@ def _dense_block_backward_op(
         training,
         eps,
         group=group,
+        **kept,
     )
     return grads[0], *[list(g) for g in grads[1:]]
 
@@ -250,6 +269,7 @@ def _(
     var1,
     mean2,
     var2,
+    saved_h,
     bn1_weight,
     bn1_bias,
     conv1_weight,
@@ -285,21 +305,33 @@ def _setup_context(ctx, inputs, output):
         backend,
         group,
     ) = inputs
-    y, mean1, var1, mean2, var2 = output
-    ctx.mark_non_differentiable(mean1, var1, mean2, var2)
-    # only the output buffer (O(L) channels), the statistics and the parameters: nothing normalized
+    y, mean1, var1, mean2, var2, saved_h = output
+    ctx.mark_non_differentiable(mean1, var1, mean2, var2, saved_h)
+    # the output buffer (O(L) channels), the statistics, the parameters and what the backend kept (the CPU kernel:
+    # every layer's h, O(L) too): nothing normalized
     ctx.save_for_backward(
-        y, mean1, var1, mean2, var2, *bn1_weight, *bn1_bias, *conv1_weight, *bn2_weight, *bn2_bias, *conv2_weight
+        y,
+        mean1,
+        var1,
+        mean2,
+        var2,
+        saved_h,
+        *bn1_weight,
+        *bn1_bias,
+        *conv1_weight,
+        *bn2_weight,
+        *bn2_bias,
+        *conv2_weight,
     )
     ctx.layers, ctx.training, ctx.eps, ctx.backend, ctx.group = len(conv1_weight), training, eps, backend, group
 
 
-def _backward(ctx, grad_y, grad_mean1, grad_var1, grad_mean2, grad_var2):
-    y, mean1, var1, mean2, var2, *params = ctx.saved_tensors
+def _backward(ctx, grad_y, grad_mean1, grad_var1, grad_mean2, grad_var2, grad_saved_h):
+    y, mean1, var1, mean2, var2, saved_h, *params = ctx.saved_tensors
     n = ctx.layers
     lists = [params[j * n : (j + 1) * n] for j in range(6)]
     grad_x, g_bn1_w, g_bn1_b, g_conv1, g_bn2_w, g_bn2_b, g_conv2 = torch.ops.t3d.dense_block_backward(
-        grad_y, y, mean1, var1, mean2, var2, *lists, ctx.training, ctx.eps, ctx.backend, ctx.group
+        grad_y, y, mean1, var1, mean2, var2, saved_h, *lists, ctx.training, ctx.eps, ctx.backend, ctx.group
     )
     none = [None] * n
     return grad_x, g_bn1_w, g_bn1_b, none, none, g_conv1, g_bn2_w, g_bn2_b, none, none, g_conv2, None, None, None, None
@@ -350,7 +382,7 @@ def dense_block(
     norm2 = [list(layer[2]) for layer in layers]
     conv1 = [layer[1] for layer in layers]
     conv2 = [layer[3] for layer in layers]
-    y, mean1, var1, mean2, var2 = torch.ops.t3d.dense_block(
+    y, mean1, var1, mean2, var2, _ = torch.ops.t3d.dense_block(
         x,
         [p[0] for p in norm1],
         [p[1] for p in norm1],
