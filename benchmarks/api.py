@@ -18,6 +18,7 @@ CONTENDER_KINDS = ("baseline", "fused", "compile", "other")
 # PyTorch's default); "bf16" / "fp16": the same float32 tensors under torch.autocast to that dtype
 PRECISIONS = ("fp32", "bf16", "fp16")
 TIMERS = ("wall", "kernel")
+MALLOC_MODES = ("pinned", "system")
 
 # Largest max-abs-difference / max-abs of the baseline's output that a contender may show before its rows are
 # error rows (no speed-up published): about 10-20x the error of PyTorch's own reference against float64 in that
@@ -44,6 +45,7 @@ COLUMNS = [
     "warmup_calls",
     "free_cores",
     "canary_gflops",
+    "faults_per_call",
     "speedup",
     "speedup_lo",
     "speedup_hi",
@@ -103,8 +105,12 @@ class BenchConfig:
     timer: str = "wall"  # "wall": perf_counter on CPU, CUDA events on GPU; "kernel": profiler's GPU kernel time
     profile: bool = False  # CUDA: record the fused contenders' top kernels per pass (row "kernels")
     seed: int = 0
+    # "pinned": glibc malloc's thresholds fixed for the run (benchmarks.allocator.pin_malloc); "system": as is
+    malloc: str = "pinned"
 
     def __post_init__(self) -> None:
+        if self.malloc not in MALLOC_MODES:
+            raise ValueError(f"malloc: expected one of {MALLOC_MODES}, got {self.malloc!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if self.timer not in TIMERS:

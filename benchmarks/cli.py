@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .allocator import pin_malloc
 from .api import COLUMNS, BenchConfig, Case, Skip
 from .machine import machine_info
 from .options import OP_MODULES, build_parser, compile_smallest_batch, config_from_args
@@ -159,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
     if args.from_json is not None:
         return replay(args)
     cfg = config_from_args(args)
+    # before anything is allocated for the run: the allocator's rules must be the same in every process
+    malloc = pin_malloc() if cfg.malloc == "pinned" else {"mode": "system"}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.torch_device.type == "cuda":
@@ -190,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine_info(cfg.device),
         "config": vars(cfg) | {"ops": list(ops), "shapes": args.shape, "precisions": list(args.precision)},
         "command": " ".join(["t3d-bench", *argv]),
+        "malloc": malloc,
     }
     roofs: dict[str, float] = {}
     rows: list[dict[str, Any]] = list(skipped)

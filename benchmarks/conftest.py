@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from .allocator import pin_malloc
 from .harness import PASSES, BenchConfig, Skip
 
 
@@ -33,6 +34,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    pin_malloc()  # as t3d-bench does (--malloc pinned): the same allocator rules in every process
     threads = config.getoption("--t3d-threads", default=0)
     if threads:
         torch.set_num_threads(threads)

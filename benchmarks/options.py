@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .api import PASSES, PRECISIONS, TIMERS, BenchConfig, Case
+from .api import MALLOC_MODES, PASSES, PRECISIONS, TIMERS, BenchConfig, Case
 
 # op name -> the module declaring its cases, relative to this package (see harness.py for the API); the package
 # is ``benchmarks`` in a checkout and ``t3d_benchmarks`` when installed
@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="CUDA: print the top GPU kernels of every fused contender and pass (JSON: the rows' kernels)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument(
+        "--malloc",
+        choices=MALLOC_MODES,
+        default="pinned",
+        help="pinned: fix glibc malloc's mmap/trim thresholds for the run, so that whether a big tensor is fresh "
+        "(page faults) does not depend on the process; system: leave the allocator as it is",
+    )
     p.add_argument(
         "--batches",
         type=lambda s: tuple(int(v) for v in _csv_list(s, "--batches")),
@@ -248,6 +255,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         precision=args.precision[0],
         timer=args.timer,
         profile=args.profile,
+        malloc=args.malloc,
     )
     cfg.torch_dtype  # validates the dtype name  # noqa: B018
     if cfg.torch_device.type == "cuda" and not torch.cuda.is_available():

@@ -265,28 +265,39 @@ def _measure_pass(
             most = max(cfg.repeats, cfg.max_repeats or cfg.repeats)
             repeats = max(min(cfg.repeats, 3), min(most, fit))
     failed: dict[int, BaseException] = {}
+    faults: list[list[int]] = []
 
     def timed(i: int) -> float:
         if i in failed:
             return math.nan
         try:
-            return timer(live[i].run, live[i].setup)
+            ms = timer(live[i].run, live[i].setup)
         except Exception as exc:  # noqa: BLE001
             failed[i] = exc
             return math.nan
+        calls_faults = getattr(timer, "last_faults", None)  # the wall timer on CPU counts them
+        if calls_faults is not None:
+            faults[i].append(calls_faults)
+        return ms
 
     base = next((i for i, e in enumerate(live) if e.contender.kind == "baseline"), None)
     for attempt in range(1 + max(0, cfg.remeasure)):
         before = canary() if canary is not None else None
         if probe is not None:
             probe.start()
+        faults[:] = [[] for _ in live]
         samples = interleaved([lambda i=i: timed(i) for i in range(len(live))], repeats)
         free = _free_cores(probe)
         speed = None if canary is None else min(before, canary())
         for i, e in enumerate(live):
             e.timing = Timing(samples[i], first_call_ms=e.first_ms) if i not in failed else None
             e.ratios = [] if base is None or i == base else paired_ratios(samples[base], samples[i])
-            e.row.update(measurements=attempt + 1, free_cores=free, canary_gflops=speed)
+            e.row.update(
+                measurements=attempt + 1,
+                free_cores=free,
+                canary_gflops=speed,
+                faults_per_call=statistics.median(faults[i]) if faults[i] else None,
+            )
         noisy = any(
             e.timing is not None and (e.timing.iqr_fraction > cfg.noise or e.ratio_spread > cfg.ratio_noise)
             for e in live

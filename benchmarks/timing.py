@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .allocator import minor_faults
+
 Timer = Callable[[Callable[..., Any], Callable[[], Any] | None], float]
 STABLE_WINDOW = 3  # warm-up calls compared for stability
 
@@ -63,25 +65,36 @@ def _call(run: Callable[..., Any], setup: Callable[[], Any] | None) -> Any:
     return run(setup()) if setup is not None else run()
 
 
-def wall_timer(device: torch.device) -> Timer:
+class WallTimer:
     """CPU: ``time.perf_counter`` around the call. CUDA: a ``torch.cuda.Event`` pair around it, synchronised
-    after it (the call as seen from Python: launches and gaps between kernels included)."""
+    after it (the call as seen from Python: launches and gaps between kernels included). On CPU it also counts the
+    call's minor page faults (:attr:`last_faults`): a call that touches fresh memory pays for it in its time."""
 
-    def timer(run: Callable[..., Any], setup: Callable[[], Any] | None = None) -> float:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.last_faults: int | None = None
+
+    def __call__(self, run: Callable[..., Any], setup: Callable[[], Any] | None = None) -> float:
         arg = setup() if setup is not None else None
-        sync(device)
-        if device.type == "cuda":
+        sync(self.device)
+        if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             run(arg) if setup is not None else run()
             end.record()
             end.synchronize()
             return float(start.elapsed_time(end))
+        faults = minor_faults()
         t0 = time.perf_counter()
         run(arg) if setup is not None else run()
-        return (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        self.last_faults = minor_faults() - faults
+        return ms
 
-    return timer
+
+def wall_timer(device: torch.device) -> Timer:
+    """A :class:`WallTimer` for ``device``."""
+    return WallTimer(device)
 
 
 def kernel_timer(device: torch.device) -> Timer:

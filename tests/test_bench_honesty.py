@@ -304,3 +304,73 @@ def test_speed_canary_reads_this_machine():
     canary = SpeedCanary(size=64, calls=2)
     speeds = canary.warm_up(seconds=0.0, max_seconds=0.5)
     assert speeds and all(s > 0 for s in speeds) and canary.best == max(speeds)
+
+
+class FaultingMachine(FakeMachine):
+    """A fake timer that also reports page faults per call, as the wall timer does on CPU: the contender named in
+    ``faults`` touches that many fresh pages per call."""
+
+    def __init__(self, cost: dict[str, float], faults: dict[str, int]):
+        super().__init__(cost)
+        self.faults = faults
+        self.last_faults: int | None = None
+
+    def __call__(self, run, setup=None) -> float:
+        ms = super().__call__(run, setup)
+        self.last_faults = self.faults.get(self.last, 0)
+        return ms
+
+
+def test_rows_report_the_page_faults_of_their_timed_calls():
+    machine = FaultingMachine({"eager": 10.0, "fused": 2.0}, faults={"eager": 14800})
+    rows = run_cases([_case(machine)], _cfg(), timer=machine)
+    assert {r["contender"]: r["faults_per_call"] for r in rows} == {"eager": 14800, "fused": 0}
+
+
+def test_wall_timer_counts_the_fresh_pages_a_call_touches():
+    from benchmarks.timing import wall_timer
+
+    timer = wall_timer(torch.device("cpu"))
+    timer(lambda: None)
+    quiet = timer.last_faults
+    # 64 MB: above any malloc mmap threshold, so a fresh mapping each call: one fault per 4 KB page (or per huge page)
+    timer(lambda: torch.ones(16 << 20))
+    assert quiet is not None and quiet < 100
+    assert timer.last_faults is not None and timer.last_faults >= 32
+
+
+_MALLOC_PROBE = """
+import sys
+import torch
+from benchmarks.allocator import minor_faults, pin_malloc
+if sys.argv[1] == "pinned":
+    assert pin_malloc()["mode"] == "pinned"
+x = torch.randn(1, 64, 16, 40, 40)  # 6.5 MB
+faults = []
+for _ in range(16):  # an eager op's temporaries of 6.5-13 MB, allocated and freed by every call
+    before = minor_faults()
+    torch.nn.functional.avg_pool3d(torch.cat([torch.relu(x * 1.5 + 0.1), x], 1), 2)
+    faults.append(minor_faults() - before)
+print(*faults)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_pinned_malloc_settles_where_the_moving_thresholds_keep_mapping_fresh_pages():
+    import subprocess
+    import sys
+
+    def faults(mode: str) -> list[int]:
+        cmd = [sys.executable, "-c", _MALLOC_PROBE, mode]
+        return [int(v) for v in subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()]
+
+    pinned, system = faults("pinned"), faults("system")
+    # pinned: the first calls grow the heap (fresh pages, 1,600-8,000 faults), then every block comes back from it.
+    # glibc's moving thresholds: 1,600-6,400 faults per call still after ten calls (measured: 5 of 5 processes)
+    assert pinned[0] > 1000 and pinned[-5:] == [0] * 5, pinned
+    assert sum(system[-8:]) > 1000, system
+
+
+def test_malloc_mode_is_checked():
+    with pytest.raises(ValueError, match="malloc: expected one of"):
+        BenchConfig(malloc="jemalloc")

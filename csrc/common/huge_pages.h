@@ -27,4 +27,25 @@ inline at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& opt
   return t;
 }
 
+// A byte tensor of its own anonymous mapping, 2 MB aligned and advised for huge pages before its first touch, so
+// that it gets them wherever the kernel has them (a malloc'ed buffer may lie on heap pages already touched as
+// 4 KB pages, and gets huge pages in some processes and not in others). For buffers kept between calls.
+inline at::Tensor mapped_huge(int64_t bytes) {
+#ifdef __linux__
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t size = (static_cast<size_t>(bytes) + kHuge - 1) & ~(kHuge - 1), span = size + kHuge;
+  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw != MAP_FAILED) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(raw), a = (p + kHuge - 1) & ~(kHuge - 1);
+    if (a > p) munmap(raw, a - p);                                       // the unaligned head
+    if (p + span > a + size) munmap(reinterpret_cast<void*>(a + size), p + span - a - size);  // and tail
+    madvise(reinterpret_cast<void*>(a), size, MADV_HUGEPAGE);
+    return at::from_blob(
+        reinterpret_cast<void*>(a), {bytes}, [size](void* q) { munmap(q, size); },
+        at::TensorOptions().dtype(at::kByte));
+  }
+#endif
+  return at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+}
+
 }  // namespace t3d

@@ -1069,7 +1069,7 @@ at::Tensor source_workspace(at::IntArrayRef sizes, const at::TensorOptions& opts
   if (bytes > kMaxWorkspaceBytes) return at::empty(sizes, opts);
   if (!buffer.defined() || buffer.numel() < bytes) {
     buffer.reset();  // free the old one before the larger one is allocated
-    buffer = empty_huge({bytes}, opts.dtype(at::kByte));
+    buffer = mapped_huge(bytes);  // huge pages in every process, not only where the heap happens to give them
   }
   // a view of the buffer's storage: it stays valid for the call even if a later call on this thread grows the buffer
   return buffer.narrow(0, 0, bytes).view(c10::typeMetaToScalarType(opts.dtype())).view(sizes);
