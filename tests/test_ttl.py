@@ -130,6 +130,17 @@ def test_long_reductions_within_tolerance(backend, device, shape, branches):
     assert not failures, "\n".join(failures)
 
 
+# The cpu backend packs the weights in tiles of a few input channels (pack_tile_len: 9 at 3x3x3, 7 at 4x3x3, 16 at
+# 1x1x1 in float32) and blocks of NR = 48 output channels: C = 20 leaves a partial channel tile in every branch and
+# 50 output channels a second, almost empty output block.
+@pytest.mark.skipif("cpu" not in tk.backends("ttl"), reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_cpu_weight_packing_tails(dtype):
+    sample = testing.ttl_input((1, 20, 4, 6, 6), [(50, 1, 1), (5, 3, 3), (3, 4, 3)], training=True)
+    failures = check_backend(sample, "cpu", "cpu", dtype, steps=1)
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 def test_running_stats_after_several_steps(backend, device):
     torch.manual_seed(0)

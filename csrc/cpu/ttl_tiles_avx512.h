@@ -125,6 +125,15 @@ T3D_AVX512 void dgrad_tile_avx512(const float* const* tap_rows, const float* con
   }
 }
 
+// dst[i] = src[i * stride] for i < kAvxNV * 16 (the weight packing's column gathers, from an L1 buffer)
+T3D_AVX512 void gather_column_avx512(const float* src, int64_t stride, float* dst) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32((int)stride));
+  T3D_UNROLL for (int v = 0; v < kAvxNV; ++v)
+    _mm512_storeu_ps(dst + v * 16,  // masked form: the plain one reads an undefined source register
+                     _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, idx, src + v * 16 * stride, 4));
+}
+
 #undef T3D_UNROLL
 #undef T3D_AVX512
 
