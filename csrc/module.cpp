@@ -6,6 +6,7 @@ namespace t3d {
 void init_ttl(pybind11::module& m);
 void init_dense_block(pybind11::module& m);
 void init_bn_relu_maxpool(pybind11::module& m);
+void init_winograd(pybind11::module& m);
 }  // namespace t3d
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -20,4 +21,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   t3d::init_ttl(m);
   t3d::init_dense_block(m);
   t3d::init_bn_relu_maxpool(m);
+  t3d::init_winograd(m);
 }

@@ -5,9 +5,10 @@
 //      (C_i x chunk, sized to stay in L2) is written to a per-thread scratch and multiplied by W1 (oneDNN's matmul;
 //      MKL dgemm for float64; single-threaded inside at::parallel_for). Nothing normalized outlives the chunk. The
 //      per-chunk statistics of the bottleneck h are taken while the chunk is hot and merged (Chan) afterwards.
-//   2. BN2-ReLU of h (in place in eval; into a reused buffer in training, where h is kept), then the 3x3x3 conv
-//      by oneDNN (at::mkldnn_convolution: ATen's heuristic sends batch-1 convs of these shapes to the ~3x slower
-//      im2col path), written into the buffer slice of the layer.
+//   2. BN2-ReLU of h (in place in eval; into a reused buffer in training, where h is kept), then the 3x3x3 conv,
+//      written into the buffer slice of the layer: float32 with enough output tiles by Winograd F(2x2x2, 3x3x3)
+//      (winograd_conv3d.h: 0.30x the multiply-adds), else by oneDNN (at::mkldnn_convolution: ATen's heuristic sends
+//      batch-1 convs of these shapes to the ~3x slower im2col path).
 //   3. Batch statistics of the k new channels, once; every later layer's BN1 shares them.
 // In training the forward keeps the h (before BN2) of the layers with C_i >= 2 B_i (keeps_h; the op's sixth output,
 // saved_h): backward then needs no BN1-ReLU + conv1 recompute for them.
@@ -15,7 +16,8 @@
 //   1. the layer's output gradient is completed by applying the pending affine BN corrections of its channels;
 //   2. z2 = BN2-ReLU(h) from the kept h, or (not kept) h recomputed by step 1 of the forward without statistics,
 //      z2 taken while each chunk of h is in cache;
-//   3. conv2 backward: grad input as a oneDNN conv with the flipped, transposed kernel; grad weight by
+//   3. conv2 backward: grad input as the 'same' conv with the flipped, transposed kernel (Winograd or oneDNN, as in
+//      the forward); grad weight by
 //      at::convolution_backward (batch 1 split in two halves along T with a halo so oneDNN takes it);
 //   4. BN2 backward's two sums per channel (one read of grad z2 and h);
 //   5. conv1 backward fused with the rest of BN2's backward and with BN1's, chunked like the forward: dL/dh of the
@@ -38,6 +40,7 @@
 #include "common/dense_block_math.h"
 #include "common/dispatch.h"
 #include "common/huge_pages.h"
+#include "cpu/winograd_conv3d.h"
 #include "dense_block.h"
 
 // The BLAS that torch links (MKL in the x86 wheels) exports the Fortran sgemm_/dgemm_; ATen's own cpublas::gemm
@@ -465,6 +468,10 @@ std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& g, const
   }
   // the transposed 'same' conv of an odd kernel is the 'same' conv with the flipped, transposed kernel
   auto w_t = w.flip({2, 3, 4}).transpose(0, 1).contiguous();
+  if (winograd_conv3x3x3_pays(g, w_t)) {
+    if (!buffer.defined() || !buffer.sizes().equals(z.sizes())) buffer = empty_huge(z.sizes(), z.options());
+    return {winograd_conv3x3x3(g, w_t, buffer), conv_same_grad_weight(g, z, w)};
+  }
   const int64_t N = z.size(0), sample_bytes = z.numel() / std::max<int64_t>(N, 1) * int64_t(z.element_size());
   const int64_t group =
       std::clamp<int64_t>(kGradInputCallBytes / std::max<int64_t>(sample_bytes, 1), 1, std::max<int64_t>(N, 1));
@@ -591,7 +598,11 @@ DenseForwardCpu forward_impl(const at::Tensor& x_in, const TensorList& bn1_weigh
     if (synced) merge_over_group(merge_stats, m2 + g.off2[i], v2 + g.off2[i], bott);
     auto bn2 = fold<scalar_t>(bn2_weight[i], bn2_bias[i], m2 + g.off2[i], v2 + g.off2[i], bott, eps);
     bn_relu_apply(h.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), g, bott, bn2);
-    y.narrow(1, cin, k).copy_(conv_same(z, conv2_weight[i]));
+    auto y_new = y.narrow(1, cin, k);
+    if (winograd_conv3x3x3_pays(z, conv2_weight[i]))
+      winograd_conv3x3x3(z, conv2_weight[i], y_new);  // straight into the concatenated output
+    else
+      y_new.copy_(conv_same(z, conv2_weight[i]));
     if (training) channel_stats(yp, g, cin, cin + k, chan_mean.data(), chan_var.data());
     if (synced) merge_over_group(merge_stats, chan_mean.data() + cin, chan_var.data() + cin, k);
   }

@@ -1,0 +1,350 @@
+// Winograd F(2x2x2, 3x3x3) convolution, float32, AVX-512 (see winograd_conv3d.h).
+//
+// y = A^T [ (G g G^T) . (B^T d B) ] A in each of the three dims, with (Lavin & Gray 2015, F(2,3)):
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],  A^T = [1 1 1 0; 0 1 -1 -1].
+// Output tiles are 2x2x2; tile (a, b, j) of a sample reads the input patch t in [2a-1, 2a+2], h in [2b-1, 2b+2],
+// w in [2j-1, 2j+2] (zero outside: the padding). Tiles are numbered flat over (n, a, b, j) and taken in blocks of
+// kTB = 32: per block,
+//   1. input transform: V[p][c][tile] for the 64 transform points p, vectorised over 16 tiles of one (n, a, b) row
+//      (a row of the input is loaded once per 16 tiles and split into its even and odd columns by permutes);
+//   2. 64 GEMMs M[p][k][tile] = sum_c U[p][c][k] V[p][c][tile], an MR x 32 register tile (MR output channels,
+//      one broadcast of U and two loads of V per channel);
+//   3. output transform of M into each tile's 2x2x2 outputs, clipped at the far edges.
+// U (the transformed weight, 64 * C * K floats) is made once per call. A block's V (64 * C * 32 floats: 1 MB at
+// C = 128) and M stay in the thread's L2 between the three steps. Every output element belongs to exactly one tile,
+// so y needs no zeroing. The sum over c is one chain per output (C is the block's bottleneck width, ~128).
+#include "cpu/winograd_conv3d.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace t3d {
+namespace {
+
+#define T3D_WINO __attribute__((target("avx512f,fma")))
+
+constexpr int kTB = 32;  // tiles per block: two 16-lane vectors
+constexpr int kMR = 12;  // output channels per register tile: 12 x 2 accumulators
+// V's and M's 64 planes (one per transform point) are written / read together by the transforms; a plane size of a
+// multiple of 4 KB would put all 64 in one L1 set. One cache line of padding per plane.
+// Input channels per pass of a block: its V (64 * kCC * kTB floats, 256 KB) and M stay in L2 while the GEMMs sum
+// over the pass's channels into M.
+constexpr int64_t kCC = 32;
+inline int64_t plane_stride(int64_t rows) { return rows * kTB + 16; }
+
+bool cpu_has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+struct Geo {
+  int64_t N, C, K, T, H, W, nt, nh, nw, tiles;
+  int64_t sx, sy;  // sample strides of x and y (each sample's (C, T, H, W) is contiguous)
+};
+
+// U[p][c][k], p = (i*4 + j)*4 + l over (t, h, w): G g G^T in each dim (0.5 is exact: no rounding beyond the sums)
+std::vector<float> transform_weight(const at::Tensor& w, const Geo& g) {
+  static const float G[4][3] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
+  std::vector<float> U(static_cast<size_t>(64 * g.C * g.K));
+  const at::Tensor wc = w.contiguous();
+  const float* wp = wc.data_ptr<float>();
+  at::parallel_for(0, g.C, 8, [&](int64_t begin, int64_t end) {
+    // one input channel's 64 x K values, then each point's K values as one run of U (the 64 points' planes are
+    // C * K floats apart: written one k at a time, they would all fall in one L1 set)
+    std::vector<float> tmp(static_cast<size_t>(64 * g.K));
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t k = 0; k < g.K; ++k) {
+        const float* f = wp + (k * g.C + c) * 27;
+        float a1[4][3][3], a2[4][4][3];
+        for (int i = 0; i < 4; ++i)
+          for (int b = 0; b < 3; ++b)
+            for (int d = 0; d < 3; ++d)
+              a1[i][b][d] = G[i][0] * f[b * 3 + d] + G[i][1] * f[9 + b * 3 + d] + G[i][2] * f[18 + b * 3 + d];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j)
+            for (int d = 0; d < 3; ++d)
+              a2[i][j][d] = G[j][0] * a1[i][0][d] + G[j][1] * a1[i][1][d] + G[j][2] * a1[i][2][d];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j)
+            for (int l = 0; l < 4; ++l)
+              tmp[((i * 4 + j) * 4 + l) * g.K + k] = G[l][0] * a2[i][j][0] + G[l][1] * a2[i][j][1] + G[l][2] * a2[i][j][2];
+      }
+      for (int p = 0; p < 64; ++p) std::copy_n(tmp.data() + p * g.K, g.K, U.data() + (p * g.C + c) * g.K);
+    }
+  });
+  return U;
+}
+
+// A run of at most 16 consecutive tiles of one (n, a, b) row inside a block, starting at column j0 and block lane
+// `lane`.
+struct Piece {
+  int64_t n, a, b, j0;
+  int len, lane;
+};
+
+void block_pieces(const Geo& g, int64_t t0, int64_t t1, std::vector<Piece>& out) {
+  out.clear();
+  for (int64_t f = t0; f < t1;) {
+    const int64_t row = f / g.nw, j = f % g.nw;
+    const int len = static_cast<int>(std::min<int64_t>({g.nw - j, t1 - f, 16}));
+    out.push_back({row / (g.nh * g.nt), (row / g.nh) % g.nt, row % g.nh, j, len, static_cast<int>(f - t0)});
+    f += len;
+  }
+}
+
+// What a piece's input transform reads, the same for every channel: the 16 input rows (t, h) of its tiles' patches
+// (offset in a channel plane; -1 for a row in the padding) and the masks of its four 16-float windows of a row
+// (columns w0 + i, w0 + 16 + i, w0 + 2 + i, w0 + 18 + i; zero outside [0, W)).
+struct PieceReads {
+  int64_t row[16];
+  int64_t w0;
+  __mmask16 mask[4], lanes;
+};
+
+inline __mmask16 window_mask(int64_t start, int64_t W) {
+  const int64_t lo = std::max<int64_t>(0, -start), hi = std::min<int64_t>(16, W - start);
+  return hi <= lo ? 0 : static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+}
+
+PieceReads piece_reads(const Geo& g, const Piece& pc) {
+  PieceReads r{};
+  for (int qt = 0; qt < 4; ++qt)
+    for (int qh = 0; qh < 4; ++qh) {
+      const int64_t ti = 2 * pc.a - 1 + qt, hi = 2 * pc.b - 1 + qh;
+      r.row[qt * 4 + qh] = (ti < 0 || ti >= g.T || hi < 0 || hi >= g.H) ? -1 : (ti * g.H + hi) * g.W;
+    }
+  r.w0 = 2 * pc.j0 - 1;
+  const int64_t starts[4] = {r.w0, r.w0 + 16, r.w0 + 2, r.w0 + 18};
+  for (int q = 0; q < 4; ++q) r.mask[q] = window_mask(starts[q], g.W);
+  r.lanes = static_cast<__mmask16>(pc.len >= 16 ? 0xFFFFu : (1u << pc.len) - 1);
+  return r;
+}
+
+// V[p * pstride] (16 lanes, masked to the piece's tiles) = B^T d B of channel plane x (T, H, W) for each tile
+T3D_WINO void input_piece(const float* x, const PieceReads& pr, float* V, int64_t pstride) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  __m512 s[4][4][4];  // [t][h][w] transform stages, in place
+  for (int qt = 0; qt < 4; ++qt) {
+    for (int qh = 0; qh < 4; ++qh) {
+      const int64_t off = pr.row[qt * 4 + qh];
+      if (off < 0) {
+        for (int qw = 0; qw < 4; ++qw) s[qt][qh][qw] = _mm512_setzero_ps();
+        continue;
+      }
+      const float* row = x + off + pr.w0;  // masked loads touch only columns inside [0, W)
+      const __m512 A = _mm512_maskz_loadu_ps(pr.mask[0], row), B = _mm512_maskz_loadu_ps(pr.mask[1], row + 16);
+      const __m512 C = _mm512_maskz_loadu_ps(pr.mask[2], row + 2), D = _mm512_maskz_loadu_ps(pr.mask[3], row + 18);
+      const __m512 d0 = _mm512_permutex2var_ps(A, even, B), d1 = _mm512_permutex2var_ps(A, odd, B);
+      const __m512 d2 = _mm512_permutex2var_ps(C, even, D), d3 = _mm512_permutex2var_ps(C, odd, D);
+      s[qt][qh][0] = _mm512_sub_ps(d0, d2);
+      s[qt][qh][1] = _mm512_add_ps(d1, d2);
+      s[qt][qh][2] = _mm512_sub_ps(d2, d1);
+      s[qt][qh][3] = _mm512_sub_ps(d1, d3);
+    }
+  }
+  for (int qt = 0; qt < 4; ++qt)
+    for (int qw = 0; qw < 4; ++qw) {
+      const __m512 e0 = s[qt][0][qw], e1 = s[qt][1][qw], e2 = s[qt][2][qw], e3 = s[qt][3][qw];
+      s[qt][0][qw] = _mm512_sub_ps(e0, e2);
+      s[qt][1][qw] = _mm512_add_ps(e1, e2);
+      s[qt][2][qw] = _mm512_sub_ps(e2, e1);
+      s[qt][3][qw] = _mm512_sub_ps(e1, e3);
+    }
+  for (int qh = 0; qh < 4; ++qh)
+    for (int qw = 0; qw < 4; ++qw) {
+      const __m512 e0 = s[0][qh][qw], e1 = s[1][qh][qw], e2 = s[2][qh][qw], e3 = s[3][qh][qw];
+      const __m512 v[4] = {_mm512_sub_ps(e0, e2), _mm512_add_ps(e1, e2), _mm512_sub_ps(e2, e1), _mm512_sub_ps(e1, e3)};
+      for (int it = 0; it < 4; ++it) _mm512_mask_storeu_ps(V + ((it * 4 + qh) * 4 + qw) * pstride, pr.lanes, v[it]);
+    }
+}
+
+// M[r][0..32) (+)= sum_c U[c][r] * V[c][0..32) for the tile's MR output channels r (U rows ldu apart, V rows kTB)
+template <int MR>
+T3D_WINO void gemm_tile(const float* U, int64_t ldu, const float* V, int64_t C, float* M, bool add) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = add ? _mm512_loadu_ps(M + r * kTB) : _mm512_setzero_ps();
+    acc[r][1] = add ? _mm512_loadu_ps(M + r * kTB + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const __m512 v0 = _mm512_loadu_ps(V + c * kTB), v1 = _mm512_loadu_ps(V + c * kTB + 16);
+    const float* u = U + c * ldu;
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      const __m512 ur = _mm512_set1_ps(u[r]);
+      acc[r][0] = _mm512_fmadd_ps(ur, v0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(ur, v1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(M + r * kTB, acc[r][0]);
+    _mm512_storeu_ps(M + r * kTB + 16, acc[r][1]);
+  }
+}
+
+template <int... MRs>
+T3D_WINO void gemm_rows(int mr, const float* U, int64_t ldu, const float* V, int64_t C, float* M, bool add,
+                        std::integer_sequence<int, MRs...>) {
+  ((mr == MRs + 1 ? gemm_tile<MRs + 1>(U, ldu, V, C, M, add) : void()), ...);
+}
+
+// y of each tile of the block from M[p][k][tile]: A^T m A in each dim, clipped at the far edges
+T3D_WINO void output_block(const float* M, int64_t ms, const Geo& g, const int64_t* base, const uint8_t* edge, int nvalid,
+                           float* y) {
+  const int64_t P = g.T * g.H * g.W, HW = g.H * g.W;
+  alignas(64) float out[8][16];
+  for (int64_t k = 0; k < g.K; ++k) {
+    for (int v = 0; v * 16 < nvalid; ++v) {
+      __m512 s[4][4][2];  // [t][h][ow] after the w stage
+      for (int it = 0; it < 4; ++it)
+        for (int ih = 0; ih < 4; ++ih) {
+          const float* m = M + ((it * 4 + ih) * 4) * ms + k * kTB + v * 16;
+          const __m512 m0 = _mm512_loadu_ps(m), m1 = _mm512_loadu_ps(m + ms);
+          const __m512 m2 = _mm512_loadu_ps(m + 2 * ms), m3 = _mm512_loadu_ps(m + 3 * ms);
+          s[it][ih][0] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+          s[it][ih][1] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+        }
+      __m512 r[4][2][2];  // [t][oh][ow]
+      for (int it = 0; it < 4; ++it)
+        for (int ow = 0; ow < 2; ++ow) {
+          r[it][0][ow] = _mm512_add_ps(_mm512_add_ps(s[it][0][ow], s[it][1][ow]), s[it][2][ow]);
+          r[it][1][ow] = _mm512_sub_ps(_mm512_sub_ps(s[it][1][ow], s[it][2][ow]), s[it][3][ow]);
+        }
+      for (int oh = 0; oh < 2; ++oh)
+        for (int ow = 0; ow < 2; ++ow) {
+          _mm512_store_ps(out[oh * 2 + ow], _mm512_add_ps(_mm512_add_ps(r[0][oh][ow], r[1][oh][ow]), r[2][oh][ow]));
+          _mm512_store_ps(out[4 + oh * 2 + ow],
+                          _mm512_sub_ps(_mm512_sub_ps(r[1][oh][ow], r[2][oh][ow]), r[3][oh][ow]));
+        }
+      const int lanes = std::min(16, nvalid - v * 16);
+      for (int l = 0; l < lanes; ++l) {
+        const int tile = v * 16 + l;
+        float* yk = y + base[tile] + k * P;
+        const uint8_t e = edge[tile];  // bit 0: no second t, 1: no second h, 2: no second w
+        for (int ot = 0; ot < 2; ++ot) {
+          if (ot && (e & 1)) break;
+          for (int oh = 0; oh < 2; ++oh) {
+            if (oh && (e & 2)) break;
+            float* row = yk + ot * HW + oh * g.W;
+            row[0] = out[ot * 4 + oh * 2][l];
+            if (!(e & 4)) row[1] = out[ot * 4 + oh * 2 + 1][l];
+          }
+        }
+      }
+    }
+  }
+}
+
+T3D_WINO void winograd_forward(const float* x, const float* U, const Geo& g, float* y) {
+  const int64_t nblocks = (g.tiles + kTB - 1) / kTB, P = g.T * g.H * g.W;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t vs = plane_stride(std::min<int64_t>(kCC, g.C)), ms = plane_stride(g.K);
+    std::vector<float> V(static_cast<size_t>(64 * vs)), M(static_cast<size_t>(64 * ms));
+    std::vector<Piece> pieces;
+    std::vector<PieceReads> reads;
+    int64_t base[kTB];
+    uint8_t edge[kTB];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * kTB, t1 = std::min(g.tiles, t0 + kTB);
+      const int nvalid = static_cast<int>(t1 - t0);
+      if (nvalid < kTB) std::fill(V.begin(), V.end(), 0.f);  // lanes past the last tile: finite, never written out
+      block_pieces(g, t0, t1, pieces);
+      for (const Piece& pc : pieces) {
+        for (int l = 0; l < pc.len; ++l) {
+          const int64_t j = pc.j0 + l;
+          base[pc.lane + l] = pc.n * g.sy + (2 * pc.a * g.H + 2 * pc.b) * g.W + 2 * j;
+          edge[pc.lane + l] = static_cast<uint8_t>((2 * pc.a + 1 >= g.T) | ((2 * pc.b + 1 >= g.H) << 1) |
+                                                   ((2 * j + 1 >= g.W) << 2));
+        }
+      }
+      reads.clear();
+      for (const Piece& pc : pieces) reads.push_back(piece_reads(g, pc));
+      for (int64_t c0 = 0; c0 < g.C; c0 += kCC) {
+        const int64_t cn = std::min<int64_t>(kCC, g.C - c0);
+        for (size_t i = 0; i < pieces.size(); ++i) {
+          const float* xc = x + pieces[i].n * g.sx + c0 * P;
+          for (int64_t c = 0; c < cn; ++c) input_piece(xc + c * P, reads[i], V.data() + c * kTB + pieces[i].lane, vs);
+        }
+        for (int p = 0; p < 64; ++p) {
+          const float* Up = U + (p * g.C + c0) * g.K;
+          for (int64_t k0 = 0; k0 < g.K; k0 += kMR) {
+            const int mr = static_cast<int>(std::min<int64_t>(kMR, g.K - k0));
+            gemm_rows(mr, Up + k0, g.K, V.data() + p * vs, cn, M.data() + p * ms + k0 * kTB, c0 > 0,
+                      std::make_integer_sequence<int, kMR>());
+          }
+        }
+      }
+      output_block(M.data(), ms, g, base, edge, nvalid, y);
+    }
+  });
+}
+
+// Each sample's (C, T, H, W) contiguous; the samples at any stride (a channel slice of a bigger tensor).
+bool samples_contiguous(const at::Tensor& t) {
+  const int64_t P = t.size(2) * t.size(3) * t.size(4);
+  return t.stride(4) == 1 && t.stride(3) == t.size(4) && t.stride(2) == t.size(3) * t.size(4) && t.stride(1) == P;
+}
+
+// Fewer tiles than this: oneDNN's direct convolution is faster. Measured, 1 thread, against
+// at::mkldnn_convolution (C -> K): 16x28x28 (1,568 tiles) 128->32 1.54x, 32->128 1.95x; batch 4 of 8x14x14 (784)
+// 1.16x; 8x14x14 (196) 0.96-1.03x; 4x7x7 (32) 0.33-0.47x (the weight transform and one block for one thread).
+constexpr int64_t kMinTiles = 512;
+
+}  // namespace
+
+bool winograd_conv3x3x3_applies(const at::Tensor& x, const at::Tensor& w) {
+  return cpu_has_avx512() && x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+         x.dim() == 5 && w.dim() == 5 && samples_contiguous(x) && w.size(1) == x.size(1) && w.size(2) == 3 &&
+         w.size(3) == 3 && w.size(4) == 3 && x.numel() > 0 && w.size(0) > 0;
+}
+
+bool winograd_conv3x3x3_pays(const at::Tensor& x, const at::Tensor& w) {
+  return winograd_conv3x3x3_applies(x, w) &&
+         x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2) * ((x.size(4) + 1) / 2) >= kMinTiles;
+}
+
+at::Tensor winograd_conv3x3x3(const at::Tensor& x, const at::Tensor& w, at::Tensor out) {
+  TORCH_CHECK(winograd_conv3x3x3_applies(x, w),
+              "winograd_conv3x3x3: expected a contiguous float32 CPU x (N, C, T, H, W) and a float32 weight (K, C, 3, "
+              "3, 3) on an AVX-512 CPU, got x ",
+              x.sizes(), " ", x.scalar_type(), " and w ", w.sizes(), " ", w.scalar_type());
+  Geo g{};
+  g.N = x.size(0), g.C = x.size(1), g.K = w.size(0), g.T = x.size(2), g.H = x.size(3), g.W = x.size(4);
+  g.nt = (g.T + 1) / 2, g.nh = (g.H + 1) / 2, g.nw = (g.W + 1) / 2;
+  g.tiles = g.N * g.nt * g.nh * g.nw;
+  if (out.defined()) {
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.sizes().equals({g.N, g.K, g.T, g.H, g.W}) &&
+                    samples_contiguous(out),
+                "out: expected a float32 tensor of shape ", at::IntArrayRef({g.N, g.K, g.T, g.H, g.W}),
+                " with each sample contiguous, got ", out.sizes(), " strides ", out.strides(), " ",
+                out.scalar_type());
+  } else {
+    out = at::empty({g.N, g.K, g.T, g.H, g.W}, x.options());
+  }
+  g.sx = x.stride(0), g.sy = out.stride(0);
+  const std::vector<float> U = transform_weight(w, g);
+  winograd_forward(x.data_ptr<float>(), U.data(), g, out.data_ptr<float>());
+  return out;
+}
+
+// For the tests: the kernel alone, against ATen's conv3d (t3d_kernels._C._winograd_conv3x3x3)
+void init_winograd(pybind11::module& m) {
+  m.def("_winograd_applies", &winograd_conv3x3x3_applies, "whether the Winograd 3x3x3 conv takes (x, w) here");
+  m.def("_winograd_pays", &winograd_conv3x3x3_pays, "whether the dense block uses it for (x, w)");
+  m.def(
+      "_winograd_conv3x3x3",
+      [](const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& out) {
+        return winograd_conv3x3x3(x, w, out.value_or(at::Tensor()));
+      },
+      "conv3d(x, w, padding=1) by Winograd F(2x2x2, 3x3x3), into out when given", pybind11::arg("x"),
+      pybind11::arg("w"), pybind11::arg("out") = pybind11::none());
+}
+
+}  // namespace t3d
