@@ -27,6 +27,7 @@
 
 #include "bn_relu_maxpool.h"
 #include "common/dispatch.h"
+#include "common/huge_pages.h"
 #include "common/ttl_math.h"
 
 namespace t3d {
@@ -500,8 +501,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_forwa
   const int64_t N = x.size(0), C = x.size(1);
   TORCH_CHECK(!training || N * g.T * g.H * g.W > 1, "x: expected more than 1 value per channel when training, got ",
               "shape ", x.sizes());
-  auto y = at::empty({N, C, g.To, g.Ho, g.Wo}, x.options());
-  auto idx = save_indices ? at::empty({N, C, g.To, g.Ho, g.Wo}, x.options().dtype(at::kInt))
+  auto y = empty_huge({N, C, g.To, g.Ho, g.Wo}, x.options());
+  auto idx = save_indices ? empty_huge({N, C, g.To, g.Ho, g.Wo}, x.options().dtype(at::kInt))
                           : at::empty({0}, x.options().dtype(at::kInt));
   at::Tensor mean = training ? at::empty({C}, x.options()) : running_mean.clone();
   at::Tensor var = training ? at::empty({C}, x.options()) : running_var.clone();
@@ -575,7 +576,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_backward_cpu(
               "indices: expected the int32 indices the forward saved (shape ", out_shape, "), got ",
               indices_in.sizes(), " ", indices_in.scalar_type());
   const at::Tensor grad_y = grad_y_in.contiguous(), y = y_in.contiguous(), indices = indices_in.contiguous();
-  auto grad_x = at::empty_like(x);
+  // advised for huge pages: at the stem of T3D-121 at batch 4 grad_x is 51 MB, fresh on every call (glibc maps
+  // blocks that big afresh), and its 12.5k 4 KB page faults cost more than the whole pass
+  auto grad_x = empty_huge(x.sizes(), x.options());
   auto grad_w = at::empty({C}, x.options()), grad_b = at::empty({C}, x.options());
   T3D_DISPATCH_FP32_FP64(x, "x", "bn_relu_maxpool_backward_cpu", [&] {
     const auto gamma = bn_weight.contiguous(), beta = bn_bias.contiguous(), mean_c = mean.contiguous(),
