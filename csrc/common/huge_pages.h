@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #ifdef __linux__
@@ -46,6 +47,30 @@ inline at::Tensor mapped_huge(int64_t bytes) {
   }
 #endif
   return at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+}
+
+
+// A per-thread buffer kept between calls, one per Tag type: a view of `sizes` elements of `opts`' dtype into a
+// mapped_huge buffer grown on demand. For an op's large temporaries that are not results (a fresh one per call costs
+// a page fault per 4 KB on first touch, and glibc hands blocks of tens of MB back to the system between calls).
+// The view holds the storage, so it stays valid for the call even if a later call on this thread grows the buffer;
+// two live views of one Tag on one thread alias, so a Tag serves one temporary of one op at a time. Above
+// kMaxKeptBytes the buffer is not kept (a huge batch does not pin its memory after the call).
+constexpr int64_t kMaxKeptBytes = int64_t(1) << 30;
+
+template <typename Tag>
+at::Tensor kept_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  thread_local at::Tensor buffer;  // bytes
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const auto dtype = c10::typeMetaToScalarType(opts.dtype());
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
+  if (bytes > kMaxKeptBytes) return empty_huge(sizes, opts);
+  if (!buffer.defined() || buffer.numel() < bytes) {
+    buffer.reset();  // free the old one before the larger one is allocated
+    buffer = mapped_huge(std::max<int64_t>(bytes, 1));
+  }
+  return buffer.narrow(0, 0, bytes).view(dtype).view(sizes);
 }
 
 }  // namespace t3d

@@ -1058,21 +1058,10 @@ std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ws) {
 // ~17 ms 2-thread forward, and most of its call-to-call spread: faulting threads serialise on the address-space
 // lock). It lives in a per-thread buffer kept between calls instead. Forward and backward on one thread use it
 // one after the other, never at once (CPU autograd runs a backward on the thread that calls it). Buffers above
-// kMaxWorkspaceBytes are not kept (a huge batch does not pin its memory after the call).
-constexpr int64_t kMaxWorkspaceBytes = int64_t(1) << 30;
-
+// kMaxKeptBytes are not kept (a huge batch does not pin its memory after the call).
+struct TtlSourceTag {};
 at::Tensor source_workspace(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  thread_local at::Tensor buffer;  // bytes, grown on demand
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
-  if (bytes > kMaxWorkspaceBytes) return at::empty(sizes, opts);
-  if (!buffer.defined() || buffer.numel() < bytes) {
-    buffer.reset();  // free the old one before the larger one is allocated
-    buffer = mapped_huge(bytes);  // huge pages in every process, not only where the heap happens to give them
-  }
-  // a view of the buffer's storage: it stays valid for the call even if a later call on this thread grows the buffer
-  return buffer.narrow(0, 0, bytes).view(c10::typeMetaToScalarType(opts.dtype())).view(sizes);
+  return kept_buffer<TtlSourceTag>(sizes, opts);
 }
 
 void check_cpu_dtype(const at::Tensor& x) {
