@@ -49,7 +49,6 @@ inline at::Tensor mapped_huge(int64_t bytes) {
   return at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
 }
 
-
 // A per-thread buffer kept between calls, one per Tag type: a view of `sizes` elements of `opts`' dtype into a
 // mapped_huge buffer grown on demand. For an op's large temporaries that are not results (a fresh one per call costs
 // a page fault per 4 KB on first touch, and glibc hands blocks of tens of MB back to the system between calls).

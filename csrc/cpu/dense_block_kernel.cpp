@@ -468,8 +468,11 @@ std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& g, const
   }
   // the transposed 'same' conv of an odd kernel is the 'same' conv with the flipped, transposed kernel
   auto w_t = w.flip({2, 3, 4}).transpose(0, 1).contiguous();
-  if (winograd_conv3x3x3_pays(g, w_t)) {
+  auto reuse_buffer = [&] {
     if (!buffer.defined() || !buffer.sizes().equals(z.sizes())) buffer = empty_huge(z.sizes(), z.options());
+  };
+  if (winograd_conv3x3x3_pays(g, w_t)) {
+    reuse_buffer();
     return {winograd_conv3x3x3(g, w_t, buffer), conv_same_grad_weight(g, z, w)};
   }
   const int64_t N = z.size(0), sample_bytes = z.numel() / std::max<int64_t>(N, 1) * int64_t(z.element_size());
@@ -478,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& g, const
   if (group >= N) {
     return {at::mkldnn_convolution(g, w_t, {}, same_padding(w), one, one, 1), conv_same_grad_weight(g, z, w)};
   }
-  if (!buffer.defined() || !buffer.sizes().equals(z.sizes())) buffer = empty_huge(z.sizes(), z.options());
+  reuse_buffer();
   for (int64_t n0 = 0; n0 < N; n0 += group) {
     const int64_t len = std::min(group, N - n0);
     auto part = at::mkldnn_convolution(g.narrow(0, n0, len), w_t, {}, same_padding(w), one, one, 1);

@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_features.h"
 #include "common/huge_pages.h"
 #include "common/ttl_math.h"
 #include "ttl.h"
@@ -280,8 +281,7 @@ inline bool use_avx512() {
 #ifdef T3D_NO_AVX512  // the generic tile kernels only, to test them on a machine with AVX-512
   return false;
 #else
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  return yes;
+  return cpu_has_avx512_fma();
 #endif
 }
 template <typename T>

@@ -24,6 +24,8 @@
 #include <utility>
 #include <vector>
 
+#include "common/cpu_features.h"
+
 namespace t3d {
 namespace {
 
@@ -37,11 +39,6 @@ constexpr int kMR = 12;  // output channels per register tile: 12 x 2 accumulato
 // over the pass's channels into M.
 constexpr int64_t kCC = 32;
 inline int64_t plane_stride(int64_t rows) { return rows * kTB + 16; }
-
-bool cpu_has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  return yes;
-}
 
 struct Geo {
   int64_t N, C, K, T, H, W, nt, nh, nw, tiles;
@@ -300,7 +297,7 @@ constexpr int64_t kMinTiles = 512;
 }  // namespace
 
 bool winograd_conv3x3x3_applies(const at::Tensor& x, const at::Tensor& w) {
-  return cpu_has_avx512() && x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+  return cpu_has_avx512_fma() && x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
          x.dim() == 5 && w.dim() == 5 && samples_contiguous(x) && w.size(1) == x.size(1) && w.size(2) == 3 &&
          w.size(3) == 3 && w.size(4) == 3 && x.numel() > 0 && w.size(0) > 0;
 }
