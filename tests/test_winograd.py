@@ -89,6 +89,9 @@ def test_what_it_takes_and_when_it_pays():
     assert not _C._winograd_applies(torch.ones(1, 8, 2, 2, 4).transpose(3, 4), w)
     assert not _C._winograd_pays(torch.ones(1, 8, 4, 7, 7), w)  # 32 tiles: oneDNN is faster
     assert _C._winograd_pays(torch.ones(1, 8, 16, 28, 28), w)  # 1,568 tiles
+    assert _C._winograd_pays(torch.ones(2, 8, 8, 14, 14), w)  # 392 tiles in rows of 7
+    assert not _C._winograd_pays(torch.ones(1, 8, 8, 14, 14), w)  # 196 tiles
+    assert not _C._winograd_pays(torch.ones(8, 8, 4, 7, 7), w)  # 256 tiles, but in rows of 4
     with pytest.raises(RuntimeError, match="out: expected a float32 tensor of shape"):
         _C._winograd_conv3x3x3(torch.ones(1, 8, 2, 2, 2), w, torch.empty(1, 4, 2, 2, 3))
 

@@ -6,7 +6,9 @@
 // w in [2j-1, 2j+2] (zero outside: the padding). Tiles are numbered flat over (n, a, b, j) and taken in blocks of
 // kTB = 32: per block,
 //   1. input transform: V[p][c][tile] for the 64 transform points p, vectorised over 16 tiles of one (n, a, b) row
-//      (a row of the input is loaded once per 16 tiles and split into its even and odd columns by permutes);
+//      (a row of the input is loaded once per 16 tiles and split into its even and odd columns by permutes), channel
+//      by channel for all the block's pieces (their patches overlap), with the block's lines of a later channel
+//      prefetched;
 //   2. 64 GEMMs M[p][k][tile] = sum_c U[p][c][k] V[p][c][tile], an MR x 32 register tile (MR output channels,
 //      one broadcast of U and two loads of V per channel);
 //   3. output transform of M into each tile's 2x2x2 outputs, clipped at the far edges.
@@ -31,6 +33,11 @@ namespace {
 
 #define T3D_WINO __attribute__((target("avx512f,fma")))
 
+// The input transform's reads of a channel plane miss the cache (consecutive channels lie a plane apart: no hardware
+// prefetcher follows them); they are prefetched this many channels ahead. 1 thread, 1x128x16x28x28 -> 32: channels in
+// the inner loop and this prefetch took the conv from 10.3 to 7.6 ms, the L1-buffered transform to 7.4 ms (1-4 ahead:
+// within 3% of each other).
+constexpr int64_t kPrefetch = 2;
 constexpr int kTB = 32;  // tiles per block: two 16-lane vectors
 constexpr int kMR = 12;  // output channels per register tile: 12 x 2 accumulators
 // V's and M's 64 planes (one per transform point) are written / read together by the transforms; a plane size of a
@@ -123,43 +130,47 @@ PieceReads piece_reads(const Geo& g, const Piece& pc) {
   return r;
 }
 
-// V[p * pstride] (16 lanes, masked to the piece's tiles) = B^T d B of channel plane x (T, H, W) for each tile
+// V[p * pstride] (16 lanes, masked to the piece's tiles) = B^T d B of channel plane x (T, H, W) for each tile: the w
+// and h stages one t row at a time into an L1 buffer, then the t stage (all 64 stage values at once would not fit
+// the 32 vector registers: the compiler's spills cost more than the buffer)
 T3D_WINO void input_piece(const float* x, const PieceReads& pr, float* V, int64_t pstride) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  __m512 s[4][4][4];  // [t][h][w] transform stages, in place
+  alignas(64) float buf[4][16][16];  // [t][h'*4 + w'] after the w and h stages
   for (int qt = 0; qt < 4; ++qt) {
+    __m512 s[4][4];
     for (int qh = 0; qh < 4; ++qh) {
       const int64_t off = pr.row[qt * 4 + qh];
       if (off < 0) {
-        for (int qw = 0; qw < 4; ++qw) s[qt][qh][qw] = _mm512_setzero_ps();
+        for (int qw = 0; qw < 4; ++qw) s[qh][qw] = _mm512_setzero_ps();
         continue;
       }
-      const float* row = x + off + pr.w0;  // masked loads touch only columns inside [0, W)
+      const float* row = x + off + pr.w0;
       const __m512 A = _mm512_maskz_loadu_ps(pr.mask[0], row), B = _mm512_maskz_loadu_ps(pr.mask[1], row + 16);
       const __m512 C = _mm512_maskz_loadu_ps(pr.mask[2], row + 2), D = _mm512_maskz_loadu_ps(pr.mask[3], row + 18);
       const __m512 d0 = _mm512_permutex2var_ps(A, even, B), d1 = _mm512_permutex2var_ps(A, odd, B);
       const __m512 d2 = _mm512_permutex2var_ps(C, even, D), d3 = _mm512_permutex2var_ps(C, odd, D);
-      s[qt][qh][0] = _mm512_sub_ps(d0, d2);
-      s[qt][qh][1] = _mm512_add_ps(d1, d2);
-      s[qt][qh][2] = _mm512_sub_ps(d2, d1);
-      s[qt][qh][3] = _mm512_sub_ps(d1, d3);
+      s[qh][0] = _mm512_sub_ps(d0, d2);
+      s[qh][1] = _mm512_add_ps(d1, d2);
+      s[qh][2] = _mm512_sub_ps(d2, d1);
+      s[qh][3] = _mm512_sub_ps(d1, d3);
+    }
+    for (int qw = 0; qw < 4; ++qw) {
+      const __m512 e0 = s[0][qw], e1 = s[1][qw], e2 = s[2][qw], e3 = s[3][qw];
+      _mm512_store_ps(buf[qt][0 * 4 + qw], _mm512_sub_ps(e0, e2));
+      _mm512_store_ps(buf[qt][1 * 4 + qw], _mm512_add_ps(e1, e2));
+      _mm512_store_ps(buf[qt][2 * 4 + qw], _mm512_sub_ps(e2, e1));
+      _mm512_store_ps(buf[qt][3 * 4 + qw], _mm512_sub_ps(e1, e3));
     }
   }
-  for (int qt = 0; qt < 4; ++qt)
-    for (int qw = 0; qw < 4; ++qw) {
-      const __m512 e0 = s[qt][0][qw], e1 = s[qt][1][qw], e2 = s[qt][2][qw], e3 = s[qt][3][qw];
-      s[qt][0][qw] = _mm512_sub_ps(e0, e2);
-      s[qt][1][qw] = _mm512_add_ps(e1, e2);
-      s[qt][2][qw] = _mm512_sub_ps(e2, e1);
-      s[qt][3][qw] = _mm512_sub_ps(e1, e3);
-    }
-  for (int qh = 0; qh < 4; ++qh)
-    for (int qw = 0; qw < 4; ++qw) {
-      const __m512 e0 = s[0][qh][qw], e1 = s[1][qh][qw], e2 = s[2][qh][qw], e3 = s[3][qh][qw];
-      const __m512 v[4] = {_mm512_sub_ps(e0, e2), _mm512_add_ps(e1, e2), _mm512_sub_ps(e2, e1), _mm512_sub_ps(e1, e3)};
-      for (int it = 0; it < 4; ++it) _mm512_mask_storeu_ps(V + ((it * 4 + qh) * 4 + qw) * pstride, pr.lanes, v[it]);
-    }
+  for (int hw = 0; hw < 16; ++hw) {
+    const __m512 e0 = _mm512_load_ps(buf[0][hw]), e1 = _mm512_load_ps(buf[1][hw]);
+    const __m512 e2 = _mm512_load_ps(buf[2][hw]), e3 = _mm512_load_ps(buf[3][hw]);
+    _mm512_mask_storeu_ps(V + (0 * 16 + hw) * pstride, pr.lanes, _mm512_sub_ps(e0, e2));
+    _mm512_mask_storeu_ps(V + (1 * 16 + hw) * pstride, pr.lanes, _mm512_add_ps(e1, e2));
+    _mm512_mask_storeu_ps(V + (2 * 16 + hw) * pstride, pr.lanes, _mm512_sub_ps(e2, e1));
+    _mm512_mask_storeu_ps(V + (3 * 16 + hw) * pstride, pr.lanes, _mm512_sub_ps(e1, e3));
+  }
 }
 
 // M[r][0..32) (+)= sum_c U[c][r] * V[c][0..32) for the tile's MR output channels r (U rows ldu apart, V rows kTB)
@@ -246,6 +257,7 @@ T3D_WINO void winograd_forward(const float* x, const float* U, const Geo& g, flo
     std::vector<float> V(static_cast<size_t>(64 * vs)), M(static_cast<size_t>(64 * ms));
     std::vector<Piece> pieces;
     std::vector<PieceReads> reads;
+    std::vector<int64_t> lines;
     int64_t base[kTB];
     uint8_t edge[kTB];
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -263,11 +275,28 @@ T3D_WINO void winograd_forward(const float* x, const float* U, const Geo& g, flo
       }
       reads.clear();
       for (const Piece& pc : pieces) reads.push_back(piece_reads(g, pc));
+      // the cache lines (byte offsets from a channel plane's start) the block's input transforms read, the same in
+      // every channel: prefetched for the channel kPrefetch ahead, since consecutive channels lie a plane apart
+      lines.clear();
+      for (size_t i = 0; i < pieces.size(); ++i)
+        for (int q = 0; q < 16; ++q) {
+          const int64_t off = reads[i].row[q];
+          if (off < 0) continue;
+          const int64_t lo = pieces[i].n * g.sx * 4 + 4 * std::max<int64_t>(0, off + reads[i].w0);
+          const int64_t hi = pieces[i].n * g.sx * 4 + 4 * (off + std::min<int64_t>(g.W, reads[i].w0 + 34));
+          for (int64_t b = lo & ~int64_t(63); b < hi; b += 64) lines.push_back(b);
+        }
+      std::sort(lines.begin(), lines.end());
+      lines.erase(std::unique(lines.begin(), lines.end()), lines.end());
       for (int64_t c0 = 0; c0 < g.C; c0 += kCC) {
         const int64_t cn = std::min<int64_t>(kCC, g.C - c0);
-        for (size_t i = 0; i < pieces.size(); ++i) {
-          const float* xc = x + pieces[i].n * g.sx + c0 * P;
-          for (int64_t c = 0; c < cn; ++c) input_piece(xc + c * P, reads[i], V.data() + c * kTB + pieces[i].lane, vs);
+        for (int64_t c = 0; c < cn; ++c) {
+          if (c0 + c + kPrefetch < g.C) {  // the lines the block reads of a channel kPrefetch planes ahead
+            const char* ahead = reinterpret_cast<const char*>(x + (c0 + c + kPrefetch) * P);
+            for (int64_t l : lines) _mm_prefetch(ahead + l, _MM_HINT_T0);
+          }
+          for (size_t i = 0; i < pieces.size(); ++i)
+            input_piece(x + pieces[i].n * g.sx + (c0 + c) * P, reads[i], V.data() + c * kTB + pieces[i].lane, vs);
         }
         for (int p = 0; p < 64; ++p) {
           const float* Up = U + (p * g.C + c0) * g.K;
@@ -289,10 +318,12 @@ bool samples_contiguous(const at::Tensor& t) {
   return t.stride(4) == 1 && t.stride(3) == t.size(4) && t.stride(2) == t.size(3) * t.size(4) && t.stride(1) == P;
 }
 
-// Fewer tiles than this: oneDNN's direct convolution is faster. Measured, 1 thread, against
-// at::mkldnn_convolution (C -> K): 16x28x28 (1,568 tiles) 128->32 1.54x, 32->128 1.95x; batch 4 of 8x14x14 (784)
-// 1.16x; 8x14x14 (196) 0.96-1.03x; 4x7x7 (32) 0.33-0.47x (the weight transform and one block for one thread).
-constexpr int64_t kMinTiles = 512;
+// Fewer tiles than this, or rows of fewer than kMinRowTiles tiles (a piece fills that many of a vector's 16 lanes):
+// oneDNN's direct convolution is faster. Measured, 2 threads, against at::mkldnn_convolution, C -> K (after the
+// prefetched input transform): 1x16x28x28 (1,568 tiles) 128->32 1.75x, 32->128 3.0x; 2x8x14x14 (392) 1.18x, 2.3x;
+// 1x8x14x14 (196) 1.04x, 0.84x; 8x4x7x7 (256 tiles, rows of 4) 0.67x.
+constexpr int64_t kMinTiles = 384;
+constexpr int64_t kMinRowTiles = 7;
 
 }  // namespace
 
@@ -304,7 +335,8 @@ bool winograd_conv3x3x3_applies(const at::Tensor& x, const at::Tensor& w) {
 
 bool winograd_conv3x3x3_pays(const at::Tensor& x, const at::Tensor& w) {
   return winograd_conv3x3x3_applies(x, w) &&
-         x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2) * ((x.size(4) + 1) / 2) >= kMinTiles;
+         x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2) * ((x.size(4) + 1) / 2) >= kMinTiles &&
+         (x.size(4) + 1) / 2 >= kMinRowTiles;
 }
 
 at::Tensor winograd_conv3x3x3(const at::Tensor& x, const at::Tensor& w, at::Tensor out) {
