@@ -106,5 +106,54 @@ def test_dense_block_through_winograd(shape, training):
     bott = 2 * 4
     assert _C._winograd_pays(torch.ones(n, bott, t, h, w), torch.ones(4, bott, 3, 3, 3))  # conv2 forward
     assert _C._winograd_pays(torch.ones(n, 4, t, h, w), torch.ones(bott, 4, 3, 3, 3))  # its input gradient
+    assert _C._winograd_grad_weight_pays(  # and its weight gradient
+        torch.ones(n, bott, t, h, w), torch.ones(n, 4, t, h, w), torch.ones(4, bott, 3, 3, 3)
+    )
     failures = check_backend(sample, "cpu", "cpu", torch.float32, steps=2)
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 16, 8, 3, 5, 7), (2, 5, 3, 3, 5, 7), (1, 8, 17, 5, 9, 33), (3, 33, 40, 2, 2, 2), (1, 3, 1, 1, 1, 1)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_grad_weight_against_float64(shape):
+    """The Winograd weight gradient (dense block conv2's, from kMinGradWeightTiles) against ATen's in float64: within
+    twice PyTorch's own float32 error plus one ulp at max|x|*sum|grad_y| of each output channel's scale."""
+    n, c, k, t, h, w = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(n, c, t, h, w, generator=gen)
+    gy = torch.randn(n, k, t, h, w, generator=gen)
+
+    def aten_grad_weight(x, gy):
+        weight = torch.zeros(k, c, 3, 3, 3, dtype=x.dtype)
+        return torch.ops.aten.convolution_backward(
+            gy, x, weight, None, [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1, [False, True, False]
+        )[1]
+
+    exact = aten_grad_weight(x.double(), gy.double())
+    torch_err = (aten_grad_weight(x, gy).double() - exact).abs().max().item()
+    scale = x.abs().max().item() * gy.abs().sum(dim=(0, 2, 3, 4)).max().item()
+    dw = _C._winograd_conv3x3x3_grad_weight(x, gy)
+    assert dw.shape == (k, c, 3, 3, 3) and dw.dtype == torch.float32
+    err = (dw.double() - exact).abs().max().item()
+    assert err <= 2 * torch_err + scale * torch.finfo(torch.float32).eps, (err, torch_err, scale)
+
+
+def test_grad_weight_of_channel_slices_and_bad_input():
+    """Samples that are channel slices of bigger tensors (the dense block's buffers) give the same result as contiguous
+    copies; a wrong grad_y shape is a clear error."""
+    gen = torch.Generator().manual_seed(3)
+    big_x = torch.randn(2, 12, 4, 6, 9, generator=gen)
+    big_g = torch.randn(2, 10, 4, 6, 9, generator=gen)
+    x, gy = big_x[:, 2:9], big_g[:, 3:8]
+    torch.testing.assert_close(
+        _C._winograd_conv3x3x3_grad_weight(x, gy), _C._winograd_conv3x3x3_grad_weight(x.contiguous(), gy.contiguous())
+    )
+    w = torch.ones(5, 7, 3, 3, 3)
+    assert not _C._winograd_grad_weight_pays(x, gy, w)  # 2 x 2 x 3 x 5 tiles
+    assert _C._winograd_grad_weight_pays(torch.ones(1, 7, 16, 28, 28), torch.ones(1, 5, 16, 28, 28), w)
+    assert not _C._winograd_grad_weight_pays(torch.ones(1, 7, 16, 28, 28), torch.ones(1, 5, 16, 28, 27), w)
+    with pytest.raises(RuntimeError, match="winograd_conv3x3x3_grad_weight: expected"):
+        _C._winograd_conv3x3x3_grad_weight(x, big_g[:, :, :3])

@@ -18,7 +18,8 @@
 //      z2 taken while each chunk of h is in cache;
 //   3. conv2 backward: grad input as the 'same' conv with the flipped, transposed kernel (Winograd or oneDNN, as in
 //      the forward); grad weight by
-//      at::convolution_backward (batch 1 split in two halves along T with a halo so oneDNN takes it);
+//      Winograd too from enough tiles (winograd_conv3x3x3_grad_weight), else at::convolution_backward (batch 1 split
+//      in two halves along T with a halo so oneDNN takes it);
 //   4. BN2 backward's two sums per channel (one read of grad z2 and h);
 //   5. conv1 backward fused with the rest of BN2's backward and with BN1's, chunked like the forward: dL/dh of the
 //      chunk from grad z2 and h into a contiguous scratch, recompute the normalized chunk, grad input and grad W1 by
@@ -473,7 +474,10 @@ std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& g, const
   };
   if (winograd_conv3x3x3_pays(g, w_t)) {
     reuse_buffer();
-    return {winograd_conv3x3x3(g, w_t, buffer), conv_same_grad_weight(g, z, w)};
+    auto grad_z = winograd_conv3x3x3(g, w_t, buffer);
+    auto grad_w = winograd_conv3x3x3_grad_weight_pays(z, g, w) ? winograd_conv3x3x3_grad_weight(z, g)
+                                                                : conv_same_grad_weight(g, z, w);
+    return {grad_z, grad_w};
   }
   const int64_t N = z.size(0), sample_bytes = z.numel() / std::max<int64_t>(N, 1) * int64_t(z.element_size());
   const int64_t group =

@@ -22,4 +22,12 @@ bool winograd_conv3x3x3_pays(const at::Tensor& x, const at::Tensor& w);
 // samples may be a channel slice of a bigger tensor, as the dense block's concatenated output).
 at::Tensor winograd_conv3x3x3(const at::Tensor& x, const at::Tensor& w, at::Tensor out = at::Tensor());
 
+// dL/dw (K, C, 3, 3, 3) of y = conv3d(x, w, padding=1) for dL/dy = grad_y (N, K, T, H, W): 64 GEMMs summing over
+// the tiles, dL/dU[p] = sum over tiles of V[p] Mb[p]^T, then G^T (dL/dU) G in each dim. Each sample of x and of
+// grad_y contiguous (channel slices are fine).
+at::Tensor winograd_conv3x3x3_grad_weight(const at::Tensor& x, const at::Tensor& grad_y);
+
+// ... for (x, grad_y) of the conv with weight w's shape, and enough tiles for it to beat ATen's (kMinGradWeightTiles).
+bool winograd_conv3x3x3_grad_weight_pays(const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& w);
+
 }  // namespace t3d
