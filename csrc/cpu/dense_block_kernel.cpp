@@ -295,15 +295,23 @@ Geometry make_geometry(const at::Tensor& x, const TensorList& conv1_weight, cons
   return g;
 }
 
-// Positions per chunk of the fused BN-ReLU + 1x1x1 conv: the normalized chunk (cin x chunk) is 2^18 elements (1 MiB in
-// float32, this CPU's L2: halving it made the chunk GEMMs slower here), and there are at least as many chunks as
-// threads.
+// Positions per chunk of the fused BN-ReLU + 1x1x1 conv: the normalized chunk (cin x chunk) is at most 2^18 elements
+// (1 MiB in float32: halving it made the chunk GEMMs slower here), and the batch's chunks are a multiple of the
+// threads, of nearly equal length: at::parallel_for hands each thread a contiguous run of chunks, and 3 chunks on 2
+// threads (block2 of T3D-121 at batch 1 from 416 input channels) or a short last chunk left one thread idle for up
+// to a third of the loop (41% of block2's backward had one thread idle, in a perf trace of the training step).
 int64_t chunk_positions(const Geometry& g, int64_t cin) {
-  int64_t pc = std::clamp<int64_t>((int64_t(1) << 18) / std::max<int64_t>(cin, 1), 64, 1024);
-  const int64_t threads = at::get_num_threads();
-  const int64_t per_sample = (threads + g.N - 1) / g.N;
-  pc = std::min(pc, (g.P + per_sample - 1) / per_sample);
-  if (pc > 16) pc = (pc + 15) / 16 * 16;
+  const int64_t pc_max = std::clamp<int64_t>((int64_t(1) << 18) / std::max<int64_t>(cin, 1), 64, 1024);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t per_sample = std::max<int64_t>((threads + g.N - 1) / g.N, (g.P + pc_max - 1) / pc_max);
+  // N * per_sample chunks in all: round per_sample up until they split evenly over the threads (at most `threads`
+  // steps; a batch of a multiple of the threads splits evenly as it is)
+  for (int64_t i = 0; i < threads && (g.N * per_sample) % threads != 0; ++i) ++per_sample;
+  per_sample = std::min(per_sample, g.P);
+  int64_t pc = (g.P + per_sample - 1) / per_sample;
+  // whole 64-byte lines per chunk where that keeps the chunk count and the last chunk at least 7/8 of the others
+  const int64_t pc16 = (pc + 15) / 16 * 16;
+  if (pc > 16 && 8 * (g.P - (per_sample - 1) * pc16) >= 7 * pc16) pc = pc16;
   return std::max<int64_t>(pc, 1);
 }
 
