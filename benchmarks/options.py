@@ -15,6 +15,7 @@ OP_MODULES = {
     "ttl": ".bench_ttl",
     "dense_block": ".bench_dense_block",
     "bn_relu_maxpool": ".bench_bn_relu_maxpool",
+    "stem_conv3d": ".bench_stem_conv",
     "model": ".bench_model",
     "data": ".bench_data",
     "export": ".bench_export",

@@ -7,6 +7,7 @@ void init_ttl(pybind11::module& m);
 void init_dense_block(pybind11::module& m);
 void init_bn_relu_maxpool(pybind11::module& m);
 void init_winograd(pybind11::module& m);
+void init_conv3d_input_grad(pybind11::module& m);
 }  // namespace t3d
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -22,4 +23,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   t3d::init_dense_block(m);
   t3d::init_bn_relu_maxpool(m);
   t3d::init_winograd(m);
+  t3d::init_conv3d_input_grad(m);
 }

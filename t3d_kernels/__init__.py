@@ -11,7 +11,7 @@ plain-PyTorch ground truth. Architecture: docs/design.md.
 from . import reference
 from .backends import BackendError, backends
 from .convert import autocast_support, convert_sync_batchnorm, fuse
-from .nn import BatchNormReLUMaxPool3d, DenseBlock3d, DenseLayer3d, TemporalTransition
+from .nn import BatchNormReLUMaxPool3d, DenseBlock3d, DenseLayer3d, StemConv3d, TemporalTransition
 from .ops import bn_relu_maxpool, dense_block, ttl
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "BackendError",
     "DenseBlock3d",
     "DenseLayer3d",
+    "StemConv3d",
     "TemporalTransition",
     "autocast_support",
     "backends",

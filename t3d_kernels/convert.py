@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .backends import BackendError, declared, get, op_declaration, resolve
-from .nn import BatchNormReLUMaxPool3d, _BackendModule
+from .nn import BatchNormReLUMaxPool3d, StemConv3d, _BackendModule
 
 __all__ = ["autocast_support", "convert_sync_batchnorm", "fuse"]
 
@@ -37,17 +37,31 @@ def _fuse_stems(model: nn.Module, backend: str) -> None:
                 seq._modules[a], seq._modules[b], seq._modules[c] = fused, nn.Identity(), nn.Identity()
 
 
+def _fuse_stem_convs(model: nn.Module, backend: str) -> None:
+    """Replace every plain ``nn.Conv3d`` child the input-gradient kernel takes (:meth:`StemConv3d.qualifies`: T3D's
+    conv0) by :class:`StemConv3d` over the same parameters; convs inside the fused modules are their op's weights and
+    stay as they are."""
+    fused_parents = [m for m in model.modules() if isinstance(m, _BackendModule)]
+    inside = {id(c) for m in fused_parents for c in m.modules()}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) not in inside and StemConv3d.qualifies(child):
+                parent._modules[name] = StemConv3d.from_conv(child, backend)
+
+
 def fuse(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Switch ``model`` to the fused ops, in place, keeping the weights and the state_dict keys: every TTL and
     dense block to ``backend`` (default: the fastest for the device), and every ``BatchNorm3d, ReLU, MaxPool3d``
-    run in an ``nn.Sequential`` (T3D's stem) to :class:`BatchNormReLUMaxPool3d`; returns ``model``. A module whose
+    run in an ``nn.Sequential`` (T3D's stem) to :class:`BatchNormReLUMaxPool3d`, and every ``nn.Conv3d`` of 1-4 input
+    channels with W stride 2 (conv0) to :class:`StemConv3d` (its input gradient); returns ``model``. A module whose
     op does not declare ``backend`` (e.g. "triton" for the stem) takes "auto"; a backend no op declares is an error."""
-    fused = (_BackendModule, BatchNormReLUMaxPool3d)
-    ops = {"ttl", "dense_block", BatchNormReLUMaxPool3d._op}
+    fused = (_BackendModule, BatchNormReLUMaxPool3d, StemConv3d)
+    ops = {"ttl", "dense_block", BatchNormReLUMaxPool3d._op, StemConv3d._op}
     if backend != "auto" and not any(backend in declared(op) for op in ops):
         names = sorted({name for op in ops for name in declared(op)})
         raise BackendError(f"backend: expected 'auto' or one of {names}, got {backend!r}")
     _fuse_stems(model, "auto")
+    _fuse_stem_convs(model, "auto")
     for module in model.modules():
         if isinstance(module, fused):
             module.backend = backend if backend == "auto" or backend in declared(module._op) else "auto"

@@ -15,6 +15,7 @@ from .backends import BackendError, declared, resolve
 from .composite import sync
 from .ops.bn_relu_maxpool import bn_relu_maxpool
 from .ops.dense_block import dense_block
+from .ops.stem_conv import conv3d_input_grad_applies, stem_conv3d
 from .ops.ttl import ttl
 
 __all__ = [
@@ -333,3 +334,60 @@ class BatchNormReLUMaxPool3d(nn.BatchNorm3d):
             f"{super().extra_repr()}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
             f"backend={self._backend!r}"
         )
+
+
+class StemConv3d(nn.Conv3d):
+    """An ``nn.Conv3d`` whose input gradient runs ``t3d::stem_conv3d``'s cpu kernel (1-4 input channels, W stride 2:
+    a video net's first conv, T3D's conv0); forward, weight and bias gradients stay ATen's, and so does everything
+    when the input needs no gradient (a training clip) or the conv does not qualify. Same parameters and state_dict
+    keys as the ``nn.Conv3d`` it replaces: :func:`fuse` builds it with :meth:`from_conv`."""
+
+    _op = "stem_conv3d"
+    backend = _BackendModule.backend
+
+    @staticmethod
+    def qualifies(conv: nn.Module) -> bool:
+        """Whether ``conv`` is a plain ``nn.Conv3d`` the input-gradient kernel takes."""
+        return (
+            type(conv) is nn.Conv3d
+            and conv.groups == 1
+            and tuple(conv.dilation) == (1, 1, 1)
+            and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str)
+            and conv3d_input_grad_applies([1, conv.in_channels, 1, 1, 1], conv.weight, conv.stride)
+        )
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv3d, backend: str = "auto") -> StemConv3d:
+        """The module over ``conv``'s own parameter tensors (an optimizer built before keeps working)."""
+        if not cls.qualifies(conv):
+            raise ValueError(
+                f"conv: expected an nn.Conv3d with 1-4 input channels, W stride 2, groups 1, no dilation and zero "
+                f"padding, got {conv!r}"
+            )
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        for name in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "transposed",
+            "output_padding",
+            "groups",
+            "padding_mode",
+            "_reversed_padding_repeated_twice",
+        ):
+            setattr(out, name, getattr(conv, name))
+        out.weight, out.bias = conv.weight, conv.bias  # the same Parameter objects
+        out.train(conv.training)
+        out.backend = backend
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stem_conv3d(x, self.weight, self.bias, self.stride, self.padding, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self._backend!r}"

@@ -333,8 +333,16 @@ def test_wall_timer_counts_the_fresh_pages_a_call_touches():
     timer = wall_timer(torch.device("cpu"))
     timer(lambda: None)
     quiet = timer.last_faults
-    # 64 MB: above any malloc mmap threshold, so a fresh mapping each call: one fault per 4 KB page (or per huge page)
-    timer(lambda: torch.ones(16 << 20))
+    # a fresh 64 MB anonymous mapping, one byte written per 4 KB page: one fault per page (or per huge page). Not a
+    # tensor: whether malloc hands back fresh pages depends on what earlier tests freed (a 64 MB torch.ones once came
+    # back with 0 faults in the full suite)
+    import mmap
+
+    def touch_fresh_pages() -> None:
+        with mmap.mmap(-1, 64 << 20) as m:
+            torch.frombuffer(m, dtype=torch.uint8)[:: 4 << 10].fill_(1)
+
+    timer(touch_fresh_pages)
     assert quiet is not None and quiet < 100
     assert timer.last_faults is not None and timer.last_faults >= 32
 
@@ -364,11 +372,15 @@ def test_pinned_malloc_settles_where_the_moving_thresholds_keep_mapping_fresh_pa
         cmd = [sys.executable, "-c", _MALLOC_PROBE, mode]
         return [int(v) for v in subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()]
 
-    pinned, system = faults("pinned"), faults("system")
-    # pinned: the first calls grow the heap (fresh pages, 1,600-8,000 faults), then every block comes back from it.
-    # glibc's moving thresholds: 1,600-6,400 faults per call still after ten calls (measured: 5 of 5 processes)
-    assert pinned[0] > 1000 and pinned[-5:] == [0] * 5, pinned
-    assert sum(system[-8:]) > 1000, system
+    # Three processes each: which arena a worker thread's block comes from is a race, so one process proves little.
+    # pinned: the first calls grow the heap (fresh pages, 1,600-8,000 faults), then the blocks come back from it; at
+    # most an occasional 6.5 MB block is fresh again (measured on the 2026-12-02 Xeon VM, 6 processes: 0-2 blocks of
+    # 1,600 faults in the last 8 calls; on the earlier EPYC VM none). glibc's moving thresholds: 1,600-6,400 faults
+    # per call still after ten calls in most processes (3 of 3 on the EPYC VM, 2 of 3 on the Xeon VM).
+    pinned = [faults("pinned") for _ in range(3)]
+    system = [faults("system") for _ in range(3)]
+    assert all(p[0] > 1000 and sum(p[-8:]) <= 2 * 1600 for p in pinned), pinned
+    assert sum(sum(p[-8:]) for p in system) > 3 * 2 * 1600, system
 
 
 def test_malloc_mode_is_checked():
