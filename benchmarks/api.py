@@ -248,6 +248,17 @@ def fused_backends(op: str, cfg: BenchConfig) -> list[str]:
     return native
 
 
+def clip_shapes(specs: list[str], op: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``--shape op:N,C,T,H,W`` strings -> (label, shape) pairs; a clear ValueError naming the spec otherwise."""
+    shapes = []
+    for spec in specs:
+        shape = parse_ints(spec, f"--shape {op} N,C,T,H,W")
+        if len(shape) != 5:
+            raise ValueError(f"--shape: expected {op}:N,C,T,H,W, got {spec!r}")
+        shapes.append((f"({','.join(map(str, shape))})", shape))
+    return shapes
+
+
 def parse_ints(text: str, what: str) -> tuple[int, ...]:
     """``"1,256,16,28,28"`` -> (1, 256, 16, 28, 28); a clear ValueError naming ``what`` otherwise."""
     try:

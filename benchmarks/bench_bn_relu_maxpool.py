@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from .harness import BenchConfig, Case, Contender, Skip, compiled, fused_backends, parse_ints
+from .harness import BenchConfig, Case, Contender, Skip, clip_shapes, compiled, fused_backends
 
 OP = "bn_relu_maxpool"
 GEOMETRY = ((3, 3, 3), (1, 2, 2), (1, 1, 1))
@@ -56,12 +56,7 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
     except ImportError as exc:
         raise Skip(f"t3d_kernels is not importable ({exc})") from None
     if specs:
-        shapes = []
-        for spec in specs:
-            shape = parse_ints(spec, "--shape bn_relu_maxpool N,C,T,H,W")
-            if len(shape) != 5:
-                raise ValueError(f"--shape: expected bn_relu_maxpool:N,C,T,H,W, got {spec!r}")
-            shapes.append((f"({','.join(map(str, shape))})", shape))
+        shapes = clip_shapes(specs, OP)
     else:
         side = 112 if cfg.paper else 56
         shapes = [(f"stem b{n}", (n, 64, 16, side, side)) for n in cfg.batches]

@@ -15,7 +15,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .harness import BenchConfig, Case, Contender, Skip, compiled, fused_backends, parse_ints
+from .harness import BenchConfig, Case, Contender, Skip, clip_shapes, compiled, fused_backends
 
 OP = "stem_conv3d"
 OUT_CHANNELS, KERNEL, STRIDE, PADDING = 64, (3, 7, 7), (2, 2, 2), (1, 3, 3)
@@ -60,12 +60,7 @@ def cases(cfg: BenchConfig, specs: list[str] | None) -> list[Case]:
     except ImportError as exc:
         raise Skip(f"t3d_kernels is not importable ({exc})") from None
     if specs:
-        shapes = []
-        for spec in specs:
-            shape = parse_ints(spec, "--shape stem_conv3d N,C,T,H,W")
-            if len(shape) != 5:
-                raise ValueError(f"--shape: expected stem_conv3d:N,C,T,H,W, got {spec!r}")
-            shapes.append((f"({','.join(map(str, shape))})", shape))
+        shapes = clip_shapes(specs, OP)
     else:
         side = 224 if cfg.paper else 112
         shapes = [(f"conv0 b{n}", (n, 3, 32, side, side)) for n in cfg.batches]

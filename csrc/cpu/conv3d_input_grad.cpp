@@ -5,19 +5,18 @@
 //
 // Here each task is one row (n, t, h) of dx for all its channels (at most kMaxChannels) and a block of 64 columns of
 // each of the two W phases: dx[.., 2w' + pw] sums gy[.., wo = w' + s] over the taps kw of phase pw (s depends on kw),
-// so a phase row is a sum of shifted, contiguous rows of gy scaled by one weight per channel. Per (o, kt, kh, kw):
-// 4 vector loads of gy (masked at the row's ends), one broadcast weight per channel, 4 FMAs per channel into the
-// phase's accumulators (2 phases x 4 vectors x 3 channels = 24 zmm). The taps kt, kh that reach row (t, h) are found
-// by the usual divisibility test, so T and H take any stride. The two phases are interleaved into contiguous rows of
-// dx on the way out. Every element of dx is written once (no atomics, no zeroing pass); the summation order is fixed
-// (o, then kt, kh, kw), so the result does not depend on the thread count.
+// so a phase row is a sum of shifted, contiguous rows of gy scaled by one weight per channel. Per (o, kt, kh) and
+// distinct shift: 4 vector loads of gy (masked at the row's ends), shared by that shift's tap of each phase; per tap
+// one broadcast weight per channel and 4 FMAs per channel into the phase's accumulators (2 phases x 4 vectors x 3
+// channels = 24 zmm). The taps kt, kh that reach row (t, h) are found by the usual divisibility test, so T and H take
+// any stride. The two phases are interleaved into contiguous rows of dx on the way out. Every element of dx is
+// written once (no atomics, no zeroing pass) in a fixed order, so the result does not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <array>
 #include <vector>
 
 #include "common/cpu_features.h"
@@ -65,11 +64,10 @@ std::vector<T> pack_weights(const T* w, const Geo& g) {
   return p;
 }
 
-// Scalar form, any dtype (float64 for gradcheck; CPUs without AVX-512): same taps, same order of the sums.
+// Scalar form, any dtype (float64 for gradcheck; CPUs without AVX-512): the same taps, one chain per element.
 template <typename T>
 void row_generic(const T* gy, const T* wp, const Geo& g, int64_t n, int64_t t, int64_t h, T* dx) {
-  std::vector<T> acc(g.C * g.W);
-  std::fill(acc.begin(), acc.end(), T(0));
+  std::vector<T> acc(g.C * g.W, T(0));
   for (int64_t o = 0; o < g.O; ++o)
     for_taps(t, g.KT, g.st, g.pt, g.To, [&](int64_t kt, int64_t to) {
       for_taps(h, g.KH, g.sh, g.ph, g.Ho, [&](int64_t kh, int64_t ho) {
@@ -268,12 +266,6 @@ Geo make_geo(const at::Tensor& grad_y, const at::Tensor& weight, at::IntArrayRef
 
 }  // namespace
 
-bool conv3d_input_grad_applies(at::IntArrayRef input_size, const at::Tensor& weight, at::IntArrayRef stride) {
-  return input_size.size() == 5 && input_size[1] >= 1 && input_size[1] <= kMaxChannels && weight.dim() == 5 &&
-         weight.size(2) <= kMaxKernel && weight.size(3) <= kMaxKernel &&
-         weight.size(4) <= kMaxKernel && stride.size() == 3 && stride[2] == 2;
-}
-
 at::Tensor conv3d_input_grad_cpu(const at::Tensor& grad_y, const at::Tensor& weight, at::IntArrayRef input_size,
                                  at::IntArrayRef stride, at::IntArrayRef padding) {
   TORCH_CHECK(grad_y.device().is_cpu() && weight.device().is_cpu(), "grad_y, weight: expected CPU tensors, got ",
@@ -302,9 +294,6 @@ void init_conv3d_input_grad(pybind11::module& m) {
   m.def("conv3d_input_grad", &conv3d_input_grad_cpu,
         "Input gradient of a conv3d with 1-4 input channels and W stride 2 (CPU)", pybind11::arg("grad_y"),
         pybind11::arg("weight"), pybind11::arg("input_size"), pybind11::arg("stride"), pybind11::arg("padding"));
-  m.def("conv3d_input_grad_applies", &conv3d_input_grad_applies,
-        "whether conv3d_input_grad takes (input_size, weight, stride)", pybind11::arg("input_size"),
-        pybind11::arg("weight"), pybind11::arg("stride"));
 }
 
 }  // namespace t3d

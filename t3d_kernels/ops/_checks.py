@@ -9,6 +9,14 @@ import torch
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def triple(name: str, v: int | Sequence[int]) -> list[int]:
+    """An int or 3 ints (T, H, W) -> 3 ints; a clear ValueError naming ``name`` otherwise."""
+    vals = [int(v)] * 3 if isinstance(v, int) else [int(u) for u in v]
+    if len(vals) != 3:
+        raise ValueError(f"{name}: expected an int or 3 ints (T, H, W), got {v!r}")
+    return vals
+
+
 def _describe(t: torch.Tensor) -> str:
     return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
 

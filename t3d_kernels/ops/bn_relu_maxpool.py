@@ -25,16 +25,9 @@ from .. import _ext
 from ..backends import Backend, declare, extension_reason, get, resolve
 from ..composite import bn, sync
 from ..composite import pool as composite_pool
-from ._checks import check_bn, check_input
+from ._checks import check_bn, check_input, triple
 
 __all__ = ["bn_relu_maxpool", "pool_output_shape"]
-
-
-def _triple(name: str, v: int | Sequence[int]) -> list[int]:
-    vals = [int(v)] * 3 if isinstance(v, int) else [int(u) for u in v]
-    if len(vals) != 3:
-        raise ValueError(f"{name}: expected an int or 3 ints (T, H, W), got {v!r}")
-    return vals
 
 
 def pool_output_shape(x_shape: Sequence[int], kernel_size, stride, padding) -> list[int]:
@@ -267,9 +260,9 @@ def bn_relu_maxpool(
         x = x.to(bn_weight.dtype)  # see the module docstring: computed in the parameters' dtype under autocast
     check_bn("bn_", x, x.shape[1], bn_weight, bn_bias, running_mean, running_var)
     kernel_size, stride, padding = (
-        _triple("kernel_size", kernel_size),
-        _triple("stride", stride),
-        _triple("padding", padding),
+        triple("kernel_size", kernel_size),
+        triple("stride", stride),
+        triple("padding", padding),
     )
     if min(kernel_size) < 1 or min(stride) < 1:
         raise ValueError(f"kernel_size, stride: expected values >= 1, got {kernel_size}, {stride}")

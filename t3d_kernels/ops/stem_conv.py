@@ -18,15 +18,9 @@ import torch.nn.functional as F
 
 from .. import _ext
 from ..backends import Backend, declare, extension_reason, get, resolve
+from ._checks import triple
 
 __all__ = ["conv3d_input_grad_applies", "stem_conv3d"]
-
-
-def _triple(name: str, v: int | Sequence[int]) -> list[int]:
-    vals = [int(v)] * 3 if isinstance(v, int) else [int(u) for u in v]
-    if len(vals) != 3:
-        raise ValueError(f"{name}: expected an int or 3 ints (T, H, W), got {v!r}")
-    return vals
 
 
 def _aten_input_grad(grad_y, weight, input_size, stride, padding):
@@ -164,7 +158,7 @@ def stem_conv3d(
         raise ValueError(
             f"weight: expected a 5-D tensor (C_out, {x.shape[1]}, kT, kH, kW), got {getattr(weight, 'shape', None)}"
         )
-    stride, padding = _triple("stride", stride), _triple("padding", padding)
+    stride, padding = triple("stride", stride), triple("padding", padding)
     if min(stride) < 1 or min(padding) < 0:
         raise ValueError(f"stride, padding: expected stride >= 1 and padding >= 0, got {stride}, {padding}")
     name = resolve("stem_conv3d", backend, x.device, x.dtype)
