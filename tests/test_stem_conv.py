@@ -144,7 +144,7 @@ def test_the_result_does_not_depend_on_the_thread_count():
 )
 @given(
     data=st.data(),
-    n=st.integers(1, 3),
+    n=st.integers(1, 8),
     c=st.integers(1, 4),
     o=st.integers(1, 20),
     dims=st.tuples(st.integers(1, 7), st.integers(1, 9), st.integers(1, 70)),
