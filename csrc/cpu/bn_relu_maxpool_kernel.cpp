@@ -26,6 +26,7 @@
 #endif
 
 #include "bn_relu_maxpool.h"
+#include "common/cpu_features.h"
 #include "common/dispatch.h"
 #include "common/huge_pages.h"
 #include "common/ttl_math.h"
@@ -125,10 +126,7 @@ void scatter_maxima(T* out, const T* y, const T* g, const int32_t* idx, int64_t 
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-inline bool use_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-}
+inline bool use_avx512() { return cpu_has_avx512_fma(); }
 
 T3D_AVX512F inline __mmask16 first_lanes(int64_t k) {  // lanes [0, k) of 16, k clamped to [0, 16]
   return __mmask16((1u << std::clamp<int64_t>(k, 0, 16)) - 1u);

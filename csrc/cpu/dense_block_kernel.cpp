@@ -70,8 +70,22 @@ namespace {
 // float32 GEMMs by oneDNN where present: measured here (AMD EPYC, AVX-512, one thread) on the dense block's
 // 1x1x1-conv shapes (128 x 64..992 x 144..1024) it runs at 190-220 GFLOP/s against MKL sgemm's ~100 (MKL takes its
 // generic code path on non-Intel CPUs).
+// oneDNN's matmul refuses CPUs without its reduced-precision ISA (before looking at the dtype: AMD Zen 3, AVX2
+// only, throws "mkldnn_matmul bf16 path needs the cpu support ..."), so it is used only where a probe product
+// succeeds and is right; elsewhere sgemm.
+bool onednn_gemm_works() {
+  if (&at::native::mkldnn_matmul == nullptr || !at::hasMKLDNN()) return false;
+  try {
+    auto a = at::arange(1, 5, at::kFloat).view({2, 2});  // [[1, 2], [3, 4]]
+    auto c = at::zeros({2, 2}, at::kFloat);
+    at::native::mkldnn_matmul(a, a, c, 0.f, 1.f);
+    return at::equal(c, at::mm(a, a));
+  } catch (const std::exception&) {
+    return false;
+  }
+}
 bool use_onednn_gemm() {
-  static const bool ok = &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN();
+  static const bool ok = onednn_gemm_works();
   return ok;
 }
 

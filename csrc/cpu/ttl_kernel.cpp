@@ -196,8 +196,8 @@ void build_source(const at::Tensor& x, const T* scale, const T* shift, const Pro
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// tile kernels (the hot loops). Generic versions for any ISA and float64; AVX-512 intrinsics for float32
-// (cpu/ttl_tiles_avx512.h), picked at run time.
+// tile kernels (the hot loops). Generic versions for any ISA and float64; AVX-512 or AVX2 intrinsics for float32
+// (cpu/ttl_tiles_avx512.h, cpu/ttl_tiles_avx2.h, the same bits), picked at run time.
 // ---------------------------------------------------------------------------------------------------------
 
 // forward: acc[r][k] (+)= sum_{taps j} sum_{c in [c0, c0+cb)} src[rows[r] + tap_off[j] + c] * wtap[j][c][k]
@@ -273,15 +273,23 @@ void dgrad_tile_generic(const T* const* tap_rows, const T* const* wt, int ntaps,
 }  // namespace t3d
 
 #include "cpu/ttl_tiles_avx512.h"
+#include "cpu/ttl_tiles_avx2.h"  // after it: its quadrants cover the AVX-512 tile (kAvxMR)
 
 namespace t3d {
 namespace {
 
 inline bool use_avx512() {
-#ifdef T3D_NO_AVX512  // the generic tile kernels only, to test them on a machine with AVX-512
+#ifdef T3D_NO_AVX512  // the generic tile kernels only (neither AVX-512 nor AVX2), to test them on a machine with both
   return false;
 #else
   return cpu_has_avx512_fma();
+#endif
+}
+inline bool use_avx2() {
+#ifdef T3D_NO_AVX512
+  return false;
+#else
+  return cpu_has_avx2_fma();
 #endif
 }
 template <typename T>
@@ -289,6 +297,7 @@ T3D_INLINE void fwd_tile_mv(const T* src, const int64_t* rows, const int64_t* ta
                             int64_t cb, const T* const* wtap, T* acc, int64_t ld, int mr_valid, bool first) {
   if constexpr (std::is_same_v<T, float>) {
     if (use_avx512()) return fwd_tile_avx512(src, rows, tap_off, ntaps, c0, cb, wtap, acc, ld, mr_valid, first);
+    if (use_avx2()) return fwd_tile_avx2(src, rows, tap_off, ntaps, c0, cb, wtap, acc, ld, mr_valid, first);
   }
   fwd_tile_generic<T>(src, rows, tap_off, ntaps, c0, cb, wtap, acc, ld, mr_valid, first);
 }
@@ -297,6 +306,7 @@ T3D_INLINE void wgrad_tile_mv(const T* src, const int64_t* rows, int64_t np, int
                               T* acc, bool assign) {
   if constexpr (std::is_same_v<T, float>) {
     if (use_avx512()) return wgrad_tile_avx512(src, rows, np, off, gy, ldg, acc, assign);
+    if (use_avx2()) return wgrad_tile_avx2(src, rows, np, off, gy, ldg, acc, assign);
   }
   wgrad_tile_generic<T>(src, rows, np, off, gy, ldg, acc, assign);
 }
@@ -312,6 +322,7 @@ template <typename T>
 T3D_INLINE void dgrad_tile_mv(const T* const* tap_rows, const T* const* wt, int ntaps, int64_t cout, T* acc) {
   if constexpr (std::is_same_v<T, float>) {
     if (use_avx512()) return dgrad_tile_avx512(tap_rows, wt, ntaps, cout, acc);
+    if (use_avx2()) return dgrad_tile_avx2(tap_rows, wt, ntaps, cout, acc);
   }
   dgrad_tile_generic<T>(tap_rows, wt, ntaps, cout, acc);
 }
@@ -411,10 +422,23 @@ __attribute__((target("avx512f,fma"))) void outer_tile_avx512(const float* const
                                                                int nvalid, bool assign) {
   outer_tile_body<float, NVEC>(coef, cs, rows, rs, q0, q1, out, nvalid, assign);
 }
+// the same bodies for AVX2 (each 64-byte vector two ymm registers; FMA contracted as in the AVX-512 build, so both
+// give the same bits)
+__attribute__((target("avx2,fma"))) void dot_tile_avx2(const float* const* a, const float* const* b, int64_t nv,
+                                                        float* acc) {
+  dot_tile_body<float>(a, b, nv, acc);
+}
+template <int NVEC>
+__attribute__((target("avx2,fma"))) void outer_tile_avx2(const float* const* coef, int64_t cs, const float* rows,
+                                                          int64_t rs, int64_t q0, int64_t q1, float* const* out,
+                                                          int nvalid, bool assign) {
+  outer_tile_body<float, NVEC>(coef, cs, rows, rs, q0, q1, out, nvalid, assign);
+}
 template <typename T>
 void dot_tile(const T* const* a, const T* const* b, int64_t nv, T* acc) {
   if constexpr (std::is_same_v<T, float>) {
     if (use_avx512()) return dot_tile_avx512(a, b, nv, acc);
+    if (use_avx2()) return dot_tile_avx2(a, b, nv, acc);
   }
   dot_tile_body<T>(a, b, nv, acc);
 }
@@ -423,6 +447,7 @@ void outer_tile(const T* const* coef, int64_t cs, const T* rows, int64_t rs, int
                 int nvalid, bool assign) {
   if constexpr (std::is_same_v<T, float>) {
     if (use_avx512()) return outer_tile_avx512<NVEC>(coef, cs, rows, rs, q0, q1, out, nvalid, assign);
+    if (use_avx2()) return outer_tile_avx2<NVEC>(coef, cs, rows, rs, q0, q1, out, nvalid, assign);
   }
   outer_tile_body<T, NVEC>(coef, cs, rows, rs, q0, q1, out, nvalid, assign);
 }

@@ -1,0 +1,70 @@
+"""Runs the CPU kernels under the instruction-set cap of the environment (T3D_CPU_ISA) and saves what they computed.
+
+``python tests/_isa_worker.py OUT``: for hand-picked TTL and dense-block inputs (the samples of t3d_kernels.testing
+and T3D-sized ones that take the register tiles' full width, the few-position GEMM path and the Winograd conv) and
+the stem ops, the failures against the float64 reference (judged as tests/_tolerance.py judges every backend) and
+the outputs, gradients and running statistics of each, to OUT (torch.save). tests/test_cpu_isa.py compares them
+across caps.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _tolerance import check_backend, exact_float32  # noqa: E402
+
+from t3d_kernels import testing  # noqa: E402
+
+
+def samples() -> list[testing.SampleInput]:
+    out = list(testing.sample_inputs("ttl", training=(True,)))
+    out += list(testing.sample_inputs("dense_block", training=(True,), tiny=True))
+    # T3D-like: 48-wide column blocks and several row tiles; few positions (the GEMM path); a Winograd-sized layer
+    out.append(testing.ttl_input((1, 96, 8, 14, 14), [(40, 1, 1), (40, 3, 3), (40, 6, 3)], seed=1))
+    out.append(testing.ttl_input((2, 64, 4, 3, 3), [(32, 1, 1), (32, 3, 3), (32, 4, 3)], seed=2))
+    out.append(testing.dense_block_input((1, 64, 16, 28, 28), 1, 32, 4, seed=3))
+    return out
+
+
+def stem_failures() -> list[str]:
+    """The stem ops' own float32 checks (tests/test_stem_conv.py, tests/test_bn_relu_maxpool.py) on their shapes."""
+    import test_bn_relu_maxpool as pool
+    import test_stem_conv as stem
+
+    checks = [
+        lambda shape=shape, t=t: pool.test_float32_within_torch_error("cpu", t, shape)
+        for shape in pool.F32_SHAPES
+        for t in (True, False)
+    ]
+    checks += [
+        lambda: stem.check_float32(1, 3, 8, 32, 32, 16, **stem.T3D_STEM),
+        lambda: stem.check_float32(2, 3, 5, 19, 37, 24, **stem.T3D_STEM),
+        lambda: stem.check_float32(1, 2, 4, 9, 300, 8, (3, 5, 5), (1, 1, 2), (1, 2, 2)),
+    ]
+    failures = []
+    for check in checks:
+        try:
+            check()
+        except AssertionError as exc:
+            failures.append(str(exc))
+    return failures
+
+
+def main(path: str) -> None:
+    torch.set_num_threads(2)
+    failures, results = [], {}
+    for s in samples():
+        failures += check_backend(s, "cpu", "cpu", torch.float32, steps=1)
+        with exact_float32():
+            results[s.desc] = testing.run(s, "cpu")
+    failures += stem_failures()
+    torch.save({"failures": failures, "results": results}, path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

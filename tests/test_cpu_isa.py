@@ -1,0 +1,99 @@
+"""The CPU kernels' instruction-set paths (csrc/common/cpu_features.h): AVX-512, AVX2 and the generic loops.
+
+A machine runs only the best path it has, so the others are run here in subprocesses under the T3D_CPU_ISA cap:
+each path's TTL, dense block and stem ops within PyTorch's own float32 error of the float64 reference (the op tests'
+rule), and the AVX2 tiles of the TTL giving the same bits as the AVX-512 ones (the same summation order by
+design) where the CPU has both; a cap the library does not know is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from t3d_kernels import _ext
+
+HERE = os.path.dirname(__file__)
+needs_extension = pytest.mark.skipif(_ext.load() is None, reason=f"extension not built: {_ext.load_error()}")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+FLAGS = _cpu_flags()
+HAS_AVX2 = {"avx2", "fma"} <= FLAGS
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """What each cap computed: {"native" | "avx2" | "generic": {"failures": [...], "results": {desc: {...}}}}."""
+    out = {}
+    for isa in ("native", "avx2", "generic"):
+        path = tmp_path_factory.mktemp(isa) / "run.pt"
+        env = {**os.environ, "T3D_CPU_ISA": isa}
+        proc = subprocess.run(
+            [sys.executable, os.path.join(HERE, "_isa_worker.py"), str(path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, f"T3D_CPU_ISA={isa}: worker failed\n{proc.stdout}\n{proc.stderr}"
+        out[isa] = torch.load(path, weights_only=True)
+    return out
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
+def test_each_path_within_torch_error(runs, isa):
+    assert runs[isa]["results"], "the worker ran no cases"
+    assert not runs[isa]["failures"], f"T3D_CPU_ISA={isa}:\n" + "\n".join(runs[isa]["failures"])
+
+
+@needs_extension
+@pytest.mark.skipif(not HAS_AVX2, reason="the CPU has no AVX2+FMA: the avx2 cap runs the generic loops")
+def test_avx2_ttl_tiles_give_the_avx512_bits(runs):
+    """On an AVX-512 CPU "native" runs the AVX-512 tiles, on an AVX2 one the AVX2 tiles: either way the same bits as
+    the avx2 cap (the glue is the same code in both processes)."""
+    native, avx2 = runs["native"]["results"], runs["avx2"]["results"]
+    ttl = [d for d in native if d.startswith("ttl")]
+    assert ttl
+    for desc in ttl:
+        for name, value in native[desc].items():
+            assert torch.equal(value, avx2[desc][name]), f"{desc} {name}: AVX2 and native TTL tiles differ"
+
+
+def _differ(a: dict, b: dict, prefix: str) -> bool:
+    return any(not torch.equal(v, b[d][n]) for d in a if d.startswith(prefix) for n, v in a[d].items())
+
+
+@needs_extension
+@pytest.mark.skipif(not HAS_AVX2, reason="without AVX2 the native path is the generic one")
+def test_the_caps_take_effect(runs):
+    """A cap that did nothing would make the comparisons above trivial: the generic loops (baseline x86-64, no FMA
+    contraction) round differently from the vector tiles, and under the avx2 cap an AVX-512 CPU's dense block runs
+    oneDNN's conv instead of the AVX-512 Winograd one."""
+    native = runs["native"]["results"]
+    assert _differ(native, runs["generic"]["results"], "ttl"), "T3D_CPU_ISA=generic left the TTL tiles as they were"
+    if "avx512f" in FLAGS:
+        assert _differ(native, runs["avx2"]["results"], "dense_block(1, 64"), "T3D_CPU_ISA=avx2 kept AVX-512 kernels"
+
+
+def test_unknown_cap_is_refused():
+    env = {**os.environ, "T3D_CPU_ISA": "sse9"}
+    code = "from t3d_kernels import _ext; _ext.load()"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "T3D_CPU_ISA: expected one of native, avx2, generic (or unset), got 'sse9'" in proc.stderr
