@@ -2,6 +2,8 @@
 // the module is declared once and an op's C++ lives in files named after it.
 #include <torch/extension.h>
 
+#include "common/cpu_features.h"
+
 namespace t3d {
 void init_ttl(pybind11::module& m);
 void init_dense_block(pybind11::module& m);
@@ -18,6 +20,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     return false;
 #endif
+  });
+  // the widest float32 vector path the CPU kernels take here (under the T3D_CPU_ISA cap): "avx512", "avx2", "generic"
+  m.def("cpu_isa", []() {
+    return std::string(t3d::cpu_has_avx512_fma() ? "avx512" : t3d::cpu_has_avx2_fma() ? "avx2" : "generic");
   });
   t3d::init_ttl(m);
   t3d::init_dense_block(m);

@@ -44,6 +44,7 @@ def stem_failures() -> list[str]:
     checks += [
         lambda: stem.check_float32(1, 3, 8, 32, 32, 16, **stem.T3D_STEM),
         lambda: stem.check_float32(2, 3, 5, 19, 37, 24, **stem.T3D_STEM),
+        lambda: stem.check_float32(1, 3, 4, 9, 130, 8, **stem.T3D_STEM, seed=154),
         lambda: stem.check_float32(1, 2, 4, 9, 300, 8, (3, 5, 5), (1, 1, 2), (1, 2, 2)),
     ]
     failures = []

@@ -17,6 +17,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_features.h"
@@ -67,7 +68,10 @@ std::vector<T> pack_weights(const T* w, const Geo& g) {
 // Scalar form, any dtype (float64 for gradcheck; CPUs without AVX-512): the same taps, one chain per element.
 template <typename T>
 void row_generic(const T* gy, const T* wp, const Geo& g, int64_t n, int64_t t, int64_t h, T* dx) {
-  std::vector<T> acc(g.C * g.W, T(0));
+  // float32 sums in double: this form sums over all output channels and taps in one chain per element (the AVX-512
+  // form blocks them); in float32 that erred beyond ATen's error at W > 128 (found on an AVX2-only CPU)
+  using Acc = std::conditional_t<std::is_same_v<T, float>, double, T>;
+  std::vector<Acc> acc(g.C * g.W, Acc(0));
   for (int64_t o = 0; o < g.O; ++o)
     for_taps(t, g.KT, g.st, g.pt, g.To, [&](int64_t kt, int64_t to) {
       for_taps(h, g.KH, g.sh, g.ph, g.Ho, [&](int64_t kh, int64_t ho) {
@@ -78,13 +82,13 @@ void row_generic(const T* gy, const T* wp, const Geo& g, int64_t n, int64_t t, i
           for (int64_t w = ph; w < g.W; w += 2) {
             const int64_t wo = (w - ph) / 2 + s;
             if (wo < 0 || wo >= g.Wo) continue;
-            for (int64_t c = 0; c < g.C; ++c) acc[c * g.W + w] += wk[c] * row[wo];
+            for (int64_t c = 0; c < g.C; ++c) acc[c * g.W + w] += Acc(wk[c]) * Acc(row[wo]);
           }
         }
       });
     });
   for (int64_t c = 0; c < g.C; ++c)
-    std::copy(acc.begin() + c * g.W, acc.begin() + (c + 1) * g.W, dx + (((n * g.C + c) * g.T + t) * g.H + h) * g.W);
+    for (int64_t w = 0; w < g.W; ++w) dx[(((n * g.C + c) * g.T + t) * g.H + h) * g.W + w] = T(acc[c * g.W + w]);
 }
 
 #define T3D_AVX512 __attribute__((target("avx512f,fma")))

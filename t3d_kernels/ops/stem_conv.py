@@ -30,6 +30,12 @@ def _aten_input_grad(grad_y, weight, input_size, stride, padding):
     )[0]
 
 
+def _kernel_pays(dtype: torch.dtype) -> bool:
+    """The float32 kernel has an AVX-512 form only: on other CPUs its scalar loops are slower than oneDNN's AVX2
+    backward-data, so float32 stays on ATen there (float64 has no faster path than the scalar loops to lose to)."""
+    return dtype != torch.float32 or _ext.load().cpu_isa() == "avx512"
+
+
 def _compiled_input_grad(grad_y, weight, input_size, stride, padding):
     return _ext.load().conv3d_input_grad(grad_y, weight, input_size, stride, padding)
 
@@ -78,7 +84,7 @@ def _input_grad_op(
 ) -> torch.Tensor:
     """dL/dx of ``conv3d(x, weight, stride=stride, padding=padding)`` for an x of ``input_size``; the cpu kernel where
     it applies, else ATen's."""
-    if backend == "cpu" and conv3d_input_grad_applies(input_size, weight, stride):
+    if backend == "cpu" and conv3d_input_grad_applies(input_size, weight, stride) and _kernel_pays(weight.dtype):
         return get("stem_conv3d", "cpu").impl["input_grad"](grad_y, weight, input_size, stride, padding)
     return _aten_input_grad(grad_y, weight, input_size, stride, padding)
 
