@@ -376,11 +376,13 @@ def test_pinned_malloc_settles_where_the_moving_thresholds_keep_mapping_fresh_pa
     # pinned: the first calls grow the heap (fresh pages, 1,600-8,000 faults), then the blocks come back from it; at
     # most an occasional 6.5 MB block is fresh again (measured on the 2026-12-02 Xeon VM, 6 processes: 0-2 blocks of
     # 1,600 faults in the last 8 calls; on the earlier EPYC VM none). glibc's moving thresholds: 1,600-6,400 faults
-    # per call still after ten calls in most processes (3 of 3 on the EPYC VM, 2 of 3 on the Xeon VM).
+    # per call still after ten calls in most processes (3 of 3 on the EPYC VM, 2 of 3 on the Xeon VM). How many is
+    # glibc's business, not ours (the AVX2 Zen 3 VM of 2026-12-03: 2,000 per process in the full suite, 12,700 alone),
+    # so the contrast asserted is only that pinning leaves fewer late faults than the moving thresholds do.
     pinned = [faults("pinned") for _ in range(3)]
     system = [faults("system") for _ in range(3)]
     assert all(p[0] > 1000 and sum(p[-8:]) <= 2 * 1600 for p in pinned), pinned
-    assert sum(sum(p[-8:]) for p in system) > 3 * 2 * 1600, system
+    assert sum(sum(p[-8:]) for p in system) > sum(sum(p[-8:]) for p in pinned), (system, pinned)
 
 
 def test_malloc_mode_is_checked():
