@@ -3,7 +3,8 @@
 ``python tests/_isa_worker.py OUT``: for hand-picked TTL and dense-block inputs (the samples of t3d_kernels.testing
 and T3D-sized ones that take the register tiles' full width, the few-position GEMM path and the Winograd conv) and
 the stem ops, the failures against the float64 reference (judged as tests/_tolerance.py judges every backend) and
-the outputs, gradients and running statistics of each, to OUT (torch.save). tests/test_cpu_isa.py compares them
+the outputs, gradients and running statistics of each, the Winograd conv's outputs alone, and the vector path the
+extension reports (_C.cpu_isa()), to OUT (torch.save). tests/test_cpu_isa.py compares them
 across caps.
 """
 
@@ -56,7 +57,31 @@ def stem_failures() -> list[str]:
     return failures
 
 
+# (N, C, K, T, H, W): a partial last block and clipped tiles; two passes of input channels and rows of two pieces;
+# a T3D block-2 layer
+WINOGRAD_SHAPES = [(2, 5, 7, 3, 4, 5), (1, 33, 13, 4, 6, 35), (1, 64, 32, 8, 14, 14)]
+
+
+def winograd_results() -> dict[str, torch.Tensor]:
+    """The Winograd conv and its weight gradient alone, where this cap runs them (AVX2 or AVX-512): the float64
+    checks are tests/test_winograd.py's; these are for comparing the paths' bits."""
+    from t3d_kernels import _C
+
+    out = {}
+    for n, c, k, t, h, w in WINOGRAD_SHAPES:
+        gen = torch.Generator().manual_seed(n + c + k)
+        x, wt = torch.randn(n, c, t, h, w, generator=gen), torch.randn(k, c, 3, 3, 3, generator=gen)
+        if not _C._winograd_applies(x, wt):
+            continue
+        gy = torch.randn(n, k, t, h, w, generator=gen)
+        out[f"{(n, c, k, t, h, w)} y"] = _C._winograd_conv3x3x3(x, wt, None)
+        out[f"{(n, c, k, t, h, w)} grad_w"] = _C._winograd_conv3x3x3_grad_weight(x, gy)
+    return out
+
+
 def main(path: str) -> None:
+    from t3d_kernels import _C
+
     torch.set_num_threads(2)
     failures, results = [], {}
     for s in samples():
@@ -64,7 +89,7 @@ def main(path: str) -> None:
         with exact_float32():
             results[s.desc] = testing.run(s, "cpu")
     failures += stem_failures()
-    torch.save({"failures": failures, "results": results}, path)
+    torch.save({"isa": _C.cpu_isa(), "failures": failures, "results": results, "winograd": winograd_results()}, path)
 
 
 if __name__ == "__main__":

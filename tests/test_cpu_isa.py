@@ -2,8 +2,8 @@
 
 A machine runs only the best path it has, so the others are run here in subprocesses under the T3D_CPU_ISA cap:
 each path's TTL, dense block and stem ops within PyTorch's own float32 error of the float64 reference (the op tests'
-rule), and the AVX2 tiles of the TTL giving the same bits as the AVX-512 ones (the same summation order by
-design) where the CPU has both; a cap the library does not know is refused with a clear error.
+rule), and the AVX2 tiles of the TTL and the AVX2 Winograd conv giving the same bits as the AVX-512 ones (the same
+summation order by design) where the CPU has both; a cap the library does not know is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -75,6 +75,18 @@ def test_avx2_ttl_tiles_give_the_avx512_bits(runs):
             assert torch.equal(value, avx2[desc][name]), f"{desc} {name}: AVX2 and native TTL tiles differ"
 
 
+@needs_extension
+@pytest.mark.skipif(not HAS_AVX2, reason="the CPU has no AVX2+FMA: no Winograd conv under any cap")
+def test_avx2_winograd_gives_the_avx512_bits(runs):
+    """The AVX2 Winograd kernels (csrc/cpu/winograd_avx2.h) compute every valid lane as the AVX-512 ones do: the
+    same bits for the conv and its weight gradient; the generic loops have no Winograd conv."""
+    native, avx2 = runs["native"]["winograd"], runs["avx2"]["winograd"]
+    assert native and native.keys() == avx2.keys()
+    for name, value in native.items():
+        assert torch.equal(value, avx2[name]), f"Winograd {name}: AVX2 and native kernels differ"
+    assert not runs["generic"]["winograd"]
+
+
 def _differ(a: dict, b: dict, prefix: str) -> bool:
     return any(not torch.equal(v, b[d][n]) for d in a if d.startswith(prefix) for n, v in a[d].items())
 
@@ -82,13 +94,12 @@ def _differ(a: dict, b: dict, prefix: str) -> bool:
 @needs_extension
 @pytest.mark.skipif(not HAS_AVX2, reason="without AVX2 the native path is the generic one")
 def test_the_caps_take_effect(runs):
-    """A cap that did nothing would make the comparisons above trivial: the generic loops (baseline x86-64, no FMA
-    contraction) round differently from the vector tiles, and under the avx2 cap an AVX-512 CPU's dense block runs
-    oneDNN's conv instead of the AVX-512 Winograd one."""
+    """A cap that did nothing would make the comparisons above trivial: each process reports the path its cap
+    allows, and the generic loops (baseline x86-64, no FMA contraction) round differently from the vector tiles."""
+    assert runs["native"]["isa"] == ("avx512" if {"avx512f", "fma"} <= FLAGS else "avx2")
+    assert runs["avx2"]["isa"] == "avx2" and runs["generic"]["isa"] == "generic"
     native = runs["native"]["results"]
     assert _differ(native, runs["generic"]["results"], "ttl"), "T3D_CPU_ISA=generic left the TTL tiles as they were"
-    if "avx512f" in FLAGS:
-        assert _differ(native, runs["avx2"]["results"], "dense_block(1, 64"), "T3D_CPU_ISA=avx2 kept AVX-512 kernels"
 
 
 def test_unknown_cap_is_refused():

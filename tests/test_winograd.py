@@ -87,11 +87,22 @@ def test_what_it_takes_and_when_it_pays():
     assert not _C._winograd_applies(torch.ones(1, 8, 2, 2, 2, dtype=torch.float64), w.double())
     assert not _C._winograd_applies(torch.ones(1, 8, 2, 2, 2), torch.ones(4, 8, 1, 3, 3))
     assert not _C._winograd_applies(torch.ones(1, 8, 2, 2, 4).transpose(3, 4), w)
+    avx512 = _C.cpu_isa() == "avx512"  # the thresholds were measured per instruction set (winograd_conv3d.cpp)
     assert not _C._winograd_pays(torch.ones(1, 8, 4, 7, 7), w)  # 32 tiles: oneDNN is faster
     assert _C._winograd_pays(torch.ones(1, 8, 16, 28, 28), w)  # 1,568 tiles
     assert _C._winograd_pays(torch.ones(2, 8, 8, 14, 14), w)  # 392 tiles in rows of 7
-    assert not _C._winograd_pays(torch.ones(1, 8, 8, 14, 14), w)  # 196 tiles
+    assert _C._winograd_pays(torch.ones(1, 8, 8, 14, 14), w) == (not avx512)  # 196 tiles: AVX2 from 192
     assert not _C._winograd_pays(torch.ones(8, 8, 4, 7, 7), w)  # 256 tiles, but in rows of 4
+    # the weight gradient: AVX-512 from 768 tiles where the forward pays, AVX2 from 64 tiles in rows of any length
+    gw = w.narrow(0, 0, 4)
+
+    def grad_weight_pays(shape):
+        return _C._winograd_grad_weight_pays(torch.ones(shape), torch.ones(shape[0], 4, *shape[2:]), gw)
+
+    assert grad_weight_pays((4, 8, 8, 14, 14))  # 784 tiles
+    assert grad_weight_pays((2, 8, 8, 14, 14)) == (not avx512)  # 392
+    assert grad_weight_pays((2, 8, 4, 7, 7)) == (not avx512)  # 64 tiles in rows of 4
+    assert not grad_weight_pays((1, 8, 4, 7, 7))  # 32
     with pytest.raises(RuntimeError, match="out: expected a float32 tensor of shape"):
         _C._winograd_conv3x3x3(torch.ones(1, 8, 2, 2, 2), w, torch.empty(1, 4, 2, 2, 3))
 

@@ -494,18 +494,22 @@ std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& g, const
   auto reuse_buffer = [&] {
     if (!buffer.defined() || !buffer.sizes().equals(z.sizes())) buffer = empty_huge(z.sizes(), z.options());
   };
+  // the weight gradient by Winograd where that pays, whichever way the input gradient goes (on AVX2 it pays at shapes
+  // whose input gradient stays with oneDNN: rows of fewer than 7 tiles)
+  auto grad_weight = [&] {
+    return winograd_conv3x3x3_grad_weight_pays(z, g, w) ? winograd_conv3x3x3_grad_weight(z, g)
+                                                        : conv_same_grad_weight(g, z, w);
+  };
   if (winograd_conv3x3x3_pays(g, w_t)) {
     reuse_buffer();
     auto grad_z = winograd_conv3x3x3(g, w_t, buffer);
-    auto grad_w = winograd_conv3x3x3_grad_weight_pays(z, g, w) ? winograd_conv3x3x3_grad_weight(z, g)
-                                                                : conv_same_grad_weight(g, z, w);
-    return {grad_z, grad_w};
+    return {grad_z, grad_weight()};
   }
   const int64_t N = z.size(0), sample_bytes = z.numel() / std::max<int64_t>(N, 1) * int64_t(z.element_size());
   const int64_t group =
       std::clamp<int64_t>(kGradInputCallBytes / std::max<int64_t>(sample_bytes, 1), 1, std::max<int64_t>(N, 1));
   if (group >= N) {
-    return {at::mkldnn_convolution(g, w_t, {}, same_padding(w), one, one, 1), conv_same_grad_weight(g, z, w)};
+    return {at::mkldnn_convolution(g, w_t, {}, same_padding(w), one, one, 1), grad_weight()};
   }
   reuse_buffer();
   for (int64_t n0 = 0; n0 < N; n0 += group) {
@@ -513,7 +517,7 @@ std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& g, const
     auto part = at::mkldnn_convolution(g.narrow(0, n0, len), w_t, {}, same_padding(w), one, one, 1);
     buffer.narrow(0, n0, len).copy_(part);
   }
-  return {buffer, conv_same_grad_weight(g, z, w)};
+  return {buffer, grad_weight()};
 }
 
 // Synchronised BN: this process's biased (mean, var) of `channels` channels replaced, in place, by the group's.

@@ -1,4 +1,4 @@
-// Winograd F(2x2x2, 3x3x3) convolution, float32, AVX-512 (see winograd_conv3d.h).
+// Winograd F(2x2x2, 3x3x3) convolution, float32, AVX-512 (the AVX2 kernels: winograd_avx2.h; see winograd_conv3d.h).
 //
 // y = A^T [ (G g G^T) . (B^T d B) ] A in each of the three dims, with (Lavin & Gray 2015, F(2,3)):
 //   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],  A^T = [1 1 1 0; 0 1 -1 -1].
@@ -284,49 +284,6 @@ T3D_WINO void output_block(const float* M, int64_t ms, const Geo& g, const int64
   }
 }
 
-T3D_WINO void winograd_forward(const float* x, const float* U, const Geo& g, float* y) {
-  const int64_t nblocks = (g.tiles + kTB - 1) / kTB;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t vs = plane_stride(std::min<int64_t>(kCC, g.C)), ms = plane_stride(g.K);
-    std::vector<float> V(static_cast<size_t>(64 * vs)), M(static_cast<size_t>(64 * ms));
-    std::vector<Piece> pieces;
-    std::vector<PieceReads> reads;
-    std::vector<int64_t> lines;
-    int64_t base[kTB];
-    uint8_t edge[kTB];
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t t0 = blk * kTB, t1 = std::min(g.tiles, t0 + kTB);
-      const int nvalid = static_cast<int>(t1 - t0);
-      if (nvalid < kTB) std::fill(V.begin(), V.end(), 0.f);  // lanes past the last tile: finite, never written out
-      block_pieces(g, t0, t1, pieces);
-      for (const Piece& pc : pieces) {
-        for (int l = 0; l < pc.len; ++l) {
-          const int64_t j = pc.j0 + l;
-          base[pc.lane + l] = pc.n * g.sy + (2 * pc.a * g.H + 2 * pc.b) * g.W + 2 * j;
-          edge[pc.lane + l] = static_cast<uint8_t>((2 * pc.a + 1 >= g.T) | ((2 * pc.b + 1 >= g.H) << 1) |
-                                                   ((2 * j + 1 >= g.W) << 2));
-        }
-      }
-      reads.clear();
-      for (const Piece& pc : pieces) reads.push_back(piece_reads(g, pc));
-      block_lines(g, pieces, reads, lines);
-      for (int64_t c0 = 0; c0 < g.C; c0 += kCC) {
-        const int64_t cn = std::min<int64_t>(kCC, g.C - c0);
-        input_channels(x, g, pieces, reads, lines, c0, cn, V.data(), vs);
-        for (int p = 0; p < 64; ++p) {
-          const float* Up = U + (p * g.C + c0) * g.K;
-          for (int64_t k0 = 0; k0 < g.K; k0 += kMR) {
-            const int mr = static_cast<int>(std::min<int64_t>(kMR, g.K - k0));
-            gemm_rows(mr, Up + k0, g.K, V.data() + p * vs, cn, M.data() + p * ms + k0 * kTB, c0 > 0,
-                      std::make_integer_sequence<int, kMR>());
-          }
-        }
-      }
-      output_block(M.data(), ms, g, base, edge, nvalid, y);
-    }
-  });
-}
-
 // ---- weight gradient. With V[p] the input's transform (B^T d B) and Mb[p] = A gy A^T the output transform's adjoint
 // applied to each tile's 2x2x2 output gradient, dL/dU[p][c][k] = sum over tiles of V[p][c][tile] Mb[p][k][tile],
 // and dL/dw = G^T (dL/dU) G in each dim.
@@ -428,13 +385,108 @@ T3D_WINO void wgrad_rows(int mr, const float* V, const float* Mt, int64_t kp, in
   ((mr == MRs + 1 ? wgrad_tile<MRs + 1>(V, Mt, kp, nv, dU) : void()), ...);
 }
 
+// The AVX-512 kernels as the drivers below call them (csrc/cpu/winograd_avx2.h has the AVX2 ones: same operations on
+// the valid lanes in the same order, so the same bits)
+struct Avx512Kernels {
+  static void input_channels(const float* x, const Geo& g, const std::vector<Piece>& pieces,
+                             const std::vector<PieceReads>& reads, const std::vector<int64_t>& lines, int64_t c0,
+                             int64_t cn, float* V, int64_t vs) {
+    t3d::input_channels(x, g, pieces, reads, lines, c0, cn, V, vs);
+  }
+  // M[p] (+)= U[p][c0 .. c0 + cn]^T V[p] for the 64 points p
+  T3D_WINO static void gemm_pass(const float* U, const Geo& g, int64_t c0, int64_t cn, const float* V, int64_t vs,
+                                 float* M, int64_t ms) {
+    for (int p = 0; p < 64; ++p) {
+      const float* Up = U + (p * g.C + c0) * g.K;
+      for (int64_t k0 = 0; k0 < g.K; k0 += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, g.K - k0));
+        gemm_rows(mr, Up + k0, g.K, V + p * vs, cn, M + p * ms + k0 * kTB, c0 > 0,
+                  std::make_integer_sequence<int, kMR>());
+      }
+    }
+  }
+  static void output_block(const float* M, int64_t ms, const Geo& g, const int64_t* base, const uint8_t* edge,
+                           int nvalid, float* y) {
+    t3d::output_block(M, ms, g, base, edge, nvalid, y);
+  }
+  // Mb[p][k][lane] for every output-gradient channel k and piece of the block
+  T3D_WINO static void grad_output_block(const float* gy, const Geo& g, const std::vector<Piece>& pieces,
+                                         const std::vector<PieceReads>& reads, float* Mb, int64_t ms) {
+    const int64_t P = g.T * g.H * g.W;
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      const float* gn = gy + pieces[i].n * g.sy;
+      for (int64_t k = 0; k < g.K; ++k)
+        grad_output_piece(gn + k * P, g, pieces[i], reads[i].lanes, Mb + k * kTB + pieces[i].lane, ms);
+    }
+  }
+  // Mt[p][tile][k] from Mb[p][k][tile] (kp a multiple of 16)
+  T3D_WINO static void transpose_block(const float* Mb, int64_t ms, int64_t kp, float* Mt, int64_t mts) {
+    for (int p = 0; p < 64; ++p)
+      for (int64_t k0 = 0; k0 < kp; k0 += 16)
+        for (int t = 0; t < kTB; t += 16) transpose16(Mb + p * ms + k0 * kTB + t, kTB, Mt + p * mts + t * kp + k0, kp);
+  }
+  // dU[p][c0 + c][k] += sum over the block's tiles of V[p][c][tile] Mt[p][tile][k], c < cn
+  T3D_WINO static void wgrad_pass(const float* V, int64_t vs, const float* Mt, int64_t mts, int64_t kp, int64_t C,
+                                  int64_t c0, int64_t cn, float* dU) {
+    for (int p = 0; p < 64; ++p)
+      for (int64_t c = 0; c < cn; c += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, cn - c));
+        for (int64_t k0 = 0; k0 < kp; k0 += 32) {
+          const int nv = static_cast<int>(std::min<int64_t>(2, (kp - k0) / 16));
+          wgrad_rows(mr, V + p * vs + c * kTB, Mt + p * mts + k0, kp, nv, dU + (p * C + c0 + c) * kp + k0,
+                     std::make_integer_sequence<int, kMR>());
+        }
+      }
+  }
+};
+
+#include "cpu/winograd_avx2.h"  // after the shared geometry and the AVX-512 kernels
+
+template <class Kernels>
+void winograd_forward(const float* x, const float* U, const Geo& g, float* y) {
+  const int64_t nblocks = (g.tiles + kTB - 1) / kTB;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    // one cache line of slack past the last plane: the AVX2 kernels store whole 16-lane windows
+    const int64_t vs = plane_stride(std::min<int64_t>(kCC, g.C)), ms = plane_stride(g.K);
+    std::vector<float> V(static_cast<size_t>(64 * vs + 16)), M(static_cast<size_t>(64 * ms));
+    std::vector<Piece> pieces;
+    std::vector<PieceReads> reads;
+    std::vector<int64_t> lines;
+    int64_t base[kTB];
+    uint8_t edge[kTB];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * kTB, t1 = std::min(g.tiles, t0 + kTB);
+      const int nvalid = static_cast<int>(t1 - t0);
+      if (nvalid < kTB) std::fill(V.begin(), V.end(), 0.f);  // lanes past the last tile: finite, never written out
+      block_pieces(g, t0, t1, pieces);
+      for (const Piece& pc : pieces) {
+        for (int l = 0; l < pc.len; ++l) {
+          const int64_t j = pc.j0 + l;
+          base[pc.lane + l] = pc.n * g.sy + (2 * pc.a * g.H + 2 * pc.b) * g.W + 2 * j;
+          edge[pc.lane + l] = static_cast<uint8_t>((2 * pc.a + 1 >= g.T) | ((2 * pc.b + 1 >= g.H) << 1) |
+                                                   ((2 * j + 1 >= g.W) << 2));
+        }
+      }
+      reads.clear();
+      for (const Piece& pc : pieces) reads.push_back(piece_reads(g, pc));
+      block_lines(g, pieces, reads, lines);
+      for (int64_t c0 = 0; c0 < g.C; c0 += kCC) {
+        const int64_t cn = std::min<int64_t>(kCC, g.C - c0);
+        Kernels::input_channels(x, g, pieces, reads, lines, c0, cn, V.data(), vs);
+        Kernels::gemm_pass(U, g, c0, cn, V.data(), vs, M.data(), ms);
+      }
+      Kernels::output_block(M.data(), ms, g, base, edge, nvalid, y);
+    }
+  });
+}
+
 // dU[p][c][k] (k padded to kp, a multiple of 16) += the sum over the tile blocks [b0, b1)
-T3D_WINO void wgrad_blocks(const float* x, const float* gy, const Geo& g, int64_t kp, int64_t b0, int64_t b1,
-                           float* dU) {
-  const int64_t P = g.T * g.H * g.W;
+template <class Kernels>
+void wgrad_blocks(const float* x, const float* gy, const Geo& g, int64_t kp, int64_t b0, int64_t b1, float* dU) {
   const int64_t vs = plane_stride(std::min<int64_t>(kCC, g.C)), ms = plane_stride(kp), mts = kTB * kp + 16;
-  // V and Mb: lanes past the last tile and Mb's rows past K stay zero (never written)
-  std::vector<float> V(static_cast<size_t>(64 * vs), 0.f), Mb(static_cast<size_t>(64 * ms), 0.f),
+  // V and Mb: lanes past the last tile and Mb's rows past K stay zero (never written); one cache line of slack past
+  // the last plane: the AVX2 kernels store whole 16-lane windows
+  std::vector<float> V(static_cast<size_t>(64 * vs + 16), 0.f), Mb(static_cast<size_t>(64 * ms + 16), 0.f),
       Mt(static_cast<size_t>(64 * mts));
   std::vector<Piece> pieces;
   std::vector<PieceReads> reads;
@@ -449,26 +501,12 @@ T3D_WINO void wgrad_blocks(const float* x, const float* gy, const Geo& g, int64_
     reads.clear();
     for (const Piece& pc : pieces) reads.push_back(piece_reads(g, pc));
     block_lines(g, pieces, reads, lines);
-    for (size_t i = 0; i < pieces.size(); ++i) {
-      const float* gn = gy + pieces[i].n * g.sy;
-      for (int64_t k = 0; k < g.K; ++k)
-        grad_output_piece(gn + k * P, g, pieces[i], reads[i].lanes, Mb.data() + k * kTB + pieces[i].lane, ms);
-    }
-    for (int p = 0; p < 64; ++p)  // Mt[p][tile][k] from Mb[p][k][tile]
-      for (int64_t k0 = 0; k0 < kp; k0 += 16)
-        for (int t = 0; t < kTB; t += 16) transpose16(Mb.data() + p * ms + k0 * kTB + t, kTB, Mt.data() + p * mts + t * kp + k0, kp);
+    Kernels::grad_output_block(gy, g, pieces, reads, Mb.data(), ms);
+    Kernels::transpose_block(Mb.data(), ms, kp, Mt.data(), mts);
     for (int64_t c0 = 0; c0 < g.C; c0 += kCC) {
       const int64_t cn = std::min<int64_t>(kCC, g.C - c0);
-      input_channels(x, g, pieces, reads, lines, c0, cn, V.data(), vs);
-      for (int p = 0; p < 64; ++p)
-        for (int64_t c = 0; c < cn; c += kMR) {
-          const int mr = static_cast<int>(std::min<int64_t>(kMR, cn - c));
-          for (int64_t k0 = 0; k0 < kp; k0 += 32) {
-            const int nv = static_cast<int>(std::min<int64_t>(2, (kp - k0) / 16));
-            wgrad_rows(mr, V.data() + p * vs + c * kTB, Mt.data() + p * mts + k0, kp, nv,
-                       dU + (p * g.C + c0 + c) * kp + k0, std::make_integer_sequence<int, kMR>());
-          }
-        }
+      Kernels::input_channels(x, g, pieces, reads, lines, c0, cn, V.data(), vs);
+      Kernels::wgrad_pass(V.data(), vs, Mt.data(), mts, kp, g.C, c0, cn, dU);
     }
   }
 }
@@ -481,40 +519,45 @@ bool samples_contiguous(const at::Tensor& t) {
 
 // Fewer tiles than this, or rows of fewer than kMinRowTiles tiles (a piece fills that many of a vector's 16 lanes):
 // oneDNN's direct convolution is faster. Measured, 2 threads, against at::mkldnn_convolution, C -> K (after the
-// prefetched input transform): 1x16x28x28 (1,568 tiles) 128->32 1.75x, 32->128 3.0x; 2x8x14x14 (392) 1.18x, 2.3x;
-// 1x8x14x14 (196) 1.04x, 0.84x; 8x4x7x7 (256 tiles, rows of 4) 0.67x.
-constexpr int64_t kMinTiles = 384;
+// prefetched input transform). AVX-512 (Xeon VM): 1x16x28x28 (1,568 tiles) 128->32 1.75x, 32->128 3.0x; 2x8x14x14
+// (392) 1.18x, 2.3x; 1x8x14x14 (196) 1.04x, 0.84x; 8x4x7x7 (256 tiles, rows of 4) 0.67x. AVX2 (AMD Zen 3 VM, where
+// oneDNN's AVX2 convolution runs at 140-200 GFLOP/s, and 41 at 1x8x14x14): 1x16x28x28 1.64x, 5.97x; 2x8x14x14 1.18x,
+// 1.39x; 1x8x14x14 4.06x, 2.02x; 4x4x7x7 (128 tiles in rows of 4) 0.86x, 0.99x; 1x4x7x7 1.23x, 0.76x.
+int64_t min_tiles() { return cpu_has_avx512_fma() ? 384 : 192; }
 constexpr int64_t kMinRowTiles = 7;
+
+// The weight gradient, against ATen's convolution_backward, 2 threads, 128 -> 32. AVX-512: 1x16x28x28 (1,568 tiles)
+// 1.44x, batch 4 1.46x; 4x8x14x14 (784) 1.10x; 2x8x14x14 (392) 0.91x: from 768 tiles, and where the forward pays.
+// AVX2: 1x16x28x28 3.97x; 1x8x14x14 (196) 3.16x; 8x4x7x7 (256, rows of 4) 2.24x; 4x4x7x7 1.72x; 2x4x7x7 (64) 1.23x;
+// 1x4x7x7 (32) 0.77x: from 64 tiles, rows of any length.
+int64_t tiles_of(const at::Tensor& x) {
+  return x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2) * ((x.size(4) + 1) / 2);
+}
 
 }  // namespace
 
 bool winograd_conv3x3x3_applies(const at::Tensor& x, const at::Tensor& w) {
-  return cpu_has_avx512_fma() && x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+  return (cpu_has_avx512_fma() || cpu_has_avx2_fma()) && x.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
          x.dim() == 5 && w.dim() == 5 && samples_contiguous(x) && w.size(1) == x.size(1) && w.size(2) == 3 &&
          w.size(3) == 3 && w.size(4) == 3 && x.numel() > 0 && w.size(0) > 0;
 }
 
-// The weight gradient pays from more tiles: 2 threads against ATen's convolution_backward, 128 -> 32: 1x16x28x28
-// (1,568 tiles) 1.44x, batch 4 1.46x; 4x8x14x14 (784) 1.10x; 2x8x14x14 (392) 0.91x.
-constexpr int64_t kMinGradWeightTiles = 768;
-
 bool winograd_conv3x3x3_grad_weight_pays(const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& w) {
-  return winograd_conv3x3x3_pays(x, w) && grad_y.dim() == 5 && grad_y.scalar_type() == at::kFloat &&
-         grad_y.device().is_cpu() && samples_contiguous(grad_y) && grad_y.size(0) == x.size(0) &&
-         grad_y.size(1) == w.size(0) && grad_y.sizes().slice(2).equals(x.sizes().slice(2)) &&
-         x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2) * ((x.size(4) + 1) / 2) >= kMinGradWeightTiles;
+  const bool avx512 = cpu_has_avx512_fma();
+  return winograd_conv3x3x3_applies(x, w) && (!avx512 || winograd_conv3x3x3_pays(x, w)) && grad_y.dim() == 5 &&
+         grad_y.scalar_type() == at::kFloat && grad_y.device().is_cpu() && samples_contiguous(grad_y) &&
+         grad_y.size(0) == x.size(0) && grad_y.size(1) == w.size(0) &&
+         grad_y.sizes().slice(2).equals(x.sizes().slice(2)) && tiles_of(x) >= (avx512 ? 768 : 64);
 }
 
 bool winograd_conv3x3x3_pays(const at::Tensor& x, const at::Tensor& w) {
-  return winograd_conv3x3x3_applies(x, w) &&
-         x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2) * ((x.size(4) + 1) / 2) >= kMinTiles &&
-         (x.size(4) + 1) / 2 >= kMinRowTiles;
+  return winograd_conv3x3x3_applies(x, w) && tiles_of(x) >= min_tiles() && (x.size(4) + 1) / 2 >= kMinRowTiles;
 }
 
 at::Tensor winograd_conv3x3x3(const at::Tensor& x, const at::Tensor& w, at::Tensor out) {
   TORCH_CHECK(winograd_conv3x3x3_applies(x, w),
               "winograd_conv3x3x3: expected a contiguous float32 CPU x (N, C, T, H, W) and a float32 weight (K, C, 3, "
-              "3, 3) on an AVX-512 CPU, got x ",
+              "3, 3) on an AVX2 or AVX-512 CPU, got x ",
               x.sizes(), " ", x.scalar_type(), " and w ", w.sizes(), " ", w.scalar_type());
   Geo g{};
   g.N = x.size(0), g.C = x.size(1), g.K = w.size(0), g.T = x.size(2), g.H = x.size(3), g.W = x.size(4);
@@ -531,7 +574,10 @@ at::Tensor winograd_conv3x3x3(const at::Tensor& x, const at::Tensor& w, at::Tens
   }
   g.sx = x.stride(0), g.sy = out.stride(0);
   const std::vector<float> U = transform_weight(w, g);
-  winograd_forward(x.data_ptr<float>(), U.data(), g, out.data_ptr<float>());
+  if (cpu_has_avx512_fma())
+    winograd_forward<Avx512Kernels>(x.data_ptr<float>(), U.data(), g, out.data_ptr<float>());
+  else
+    winograd_forward<Avx2Kernels>(x.data_ptr<float>(), U.data(), g, out.data_ptr<float>());
   return out;
 }
 
@@ -541,7 +587,7 @@ at::Tensor winograd_conv3x3x3_grad_weight(const at::Tensor& x, const at::Tensor&
                   grad_y.device().is_cpu() && samples_contiguous(grad_y) &&
                   winograd_conv3x3x3_applies(x, at::empty({grad_y.size(1), x.size(1), 3, 3, 3}, x.options())),
               "winograd_conv3x3x3_grad_weight: expected float32 CPU x (N, C, T, H, W) and grad_y (N, K, T, H, W) with "
-              "each sample contiguous, on an AVX-512 CPU; got x ",
+              "each sample contiguous, on an AVX2 or AVX-512 CPU; got x ",
               x.sizes(), " ", x.scalar_type(), " and grad_y ", grad_y.sizes(), " ", grad_y.scalar_type());
   Geo g{};
   g.N = x.size(0), g.C = x.size(1), g.K = grad_y.size(1), g.T = x.size(2), g.H = x.size(3), g.W = x.size(4);
@@ -554,8 +600,9 @@ at::Tensor winograd_conv3x3x3_grad_weight(const at::Tensor& x, const at::Tensor&
   std::vector<float> dU(static_cast<size_t>(parts * usize), 0.f);  // one sum per part, added in a fixed order
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part)
-      wgrad_blocks(x.data_ptr<float>(), grad_y.data_ptr<float>(), g, kp, nblocks * part / parts,
-                   nblocks * (part + 1) / parts, dU.data() + part * usize);
+      (cpu_has_avx512_fma() ? wgrad_blocks<Avx512Kernels> : wgrad_blocks<Avx2Kernels>)(
+          x.data_ptr<float>(), grad_y.data_ptr<float>(), g, kp, nblocks * part / parts, nblocks * (part + 1) / parts,
+          dU.data() + part * usize);
   });
   for (int64_t part = 1; part < parts; ++part)
     for (int64_t i = 0; i < usize; ++i) dU[i] += dU[part * usize + i];
