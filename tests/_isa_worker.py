@@ -3,7 +3,8 @@
 ``python tests/_isa_worker.py OUT``: for hand-picked TTL and dense-block inputs (the samples of t3d_kernels.testing
 and T3D-sized ones that take the register tiles' full width, the few-position GEMM path and the Winograd conv) and
 the stem ops, the failures against the float64 reference (judged as tests/_tolerance.py judges every backend) and
-the outputs, gradients and running statistics of each, the Winograd conv's outputs alone, and the vector path the
+the outputs, gradients and running statistics of each, the Winograd conv's and the stem conv input gradient's
+outputs alone, and the vector path the
 extension reports (_C.cpu_isa()), to OUT (torch.save). tests/test_cpu_isa.py compares them
 across caps.
 """
@@ -79,6 +80,28 @@ def winograd_results() -> dict[str, torch.Tensor]:
     return out
 
 
+# the stem conv's input gradient (N, C, T, H, W, O, kernel, stride, padding): T3D's conv0 at a small size, a row end
+# inside a vector and 4 channels (one vector per phase on AVX2), another geometry
+STEM_GRAD_SHAPES = [
+    ((1, 3, 8, 32, 32, 16), (3, 7, 7), (2, 2, 2), (1, 3, 3)),
+    ((2, 3, 5, 19, 37, 24), (3, 7, 7), (2, 2, 2), (1, 3, 3)),
+    ((1, 4, 4, 9, 45, 8), (3, 5, 5), (1, 1, 2), (1, 2, 2)),
+    ((1, 1, 3, 6, 11, 5), (2, 3, 4), (1, 2, 2), (1, 0, 2)),
+]
+
+
+def stem_grad_results() -> dict[str, torch.Tensor]:
+    """The stem conv's input-gradient kernel alone on float32 (its float64 checks are tests/test_stem_conv.py's), for
+    comparing the paths' bits."""
+    import test_stem_conv as stem
+
+    out = {}
+    for shape, k, s, p in STEM_GRAD_SHAPES:
+        x, w, gy = stem.case(*shape, k=k, s=s, p=p, seed=sum(shape), dtype=torch.float32)
+        out[str((shape, k, s, p))] = stem.kernel(gy, w, x.shape, s, p)
+    return out
+
+
 def main(path: str) -> None:
     from t3d_kernels import _C
 
@@ -89,7 +112,16 @@ def main(path: str) -> None:
         with exact_float32():
             results[s.desc] = testing.run(s, "cpu")
     failures += stem_failures()
-    torch.save({"isa": _C.cpu_isa(), "failures": failures, "results": results, "winograd": winograd_results()}, path)
+    torch.save(
+        {
+            "isa": _C.cpu_isa(),
+            "failures": failures,
+            "results": results,
+            "winograd": winograd_results(),
+            "stem_grad": stem_grad_results(),
+        },
+        path,
+    )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 A machine runs only the best path it has, so the others are run here in subprocesses under the T3D_CPU_ISA cap:
 each path's TTL, dense block and stem ops within PyTorch's own float32 error of the float64 reference (the op tests'
-rule), and the AVX2 tiles of the TTL and the AVX2 Winograd conv giving the same bits as the AVX-512 ones (the same
-summation order by design) where the CPU has both; a cap the library does not know is refused with a clear error.
+rule); the AVX2 tiles of the TTL, the AVX2 Winograd conv and the stem conv's AVX2 input gradient giving the same bits
+as the AVX-512 ones (the same summation order by design) where the CPU has both; a cap the library does not know is
+refused with a clear error.
 """
 
 from __future__ import annotations
@@ -85,6 +86,18 @@ def test_avx2_winograd_gives_the_avx512_bits(runs):
     for name, value in native.items():
         assert torch.equal(value, avx2[name]), f"Winograd {name}: AVX2 and native kernels differ"
     assert not runs["generic"]["winograd"]
+
+
+@needs_extension
+@pytest.mark.skipif(not HAS_AVX2, reason="the CPU has no AVX2+FMA: the avx2 cap runs the scalar loops")
+def test_avx2_stem_conv_input_grad_gives_the_avx512_bits(runs):
+    """The stem conv's AVX2 input-gradient rows sum each element as the AVX-512 rows do (blocks of 4 output
+    channels, the same tap order): the same bits; the scalar form (generic) sums in double and rounds once."""
+    native, avx2 = runs["native"]["stem_grad"], runs["avx2"]["stem_grad"]
+    assert native and native.keys() == avx2.keys()
+    for name, value in native.items():
+        assert torch.equal(value, avx2[name]), f"stem conv input grad {name}: AVX2 and native rows differ"
+    assert any(not torch.equal(v, runs["generic"]["stem_grad"][n]) for n, v in native.items())
 
 
 def _differ(a: dict, b: dict, prefix: str) -> bool:

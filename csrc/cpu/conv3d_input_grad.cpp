@@ -65,7 +65,7 @@ std::vector<T> pack_weights(const T* w, const Geo& g) {
   return p;
 }
 
-// Scalar form, any dtype (float64 for gradcheck; CPUs without AVX-512): the same taps, one chain per element.
+// Scalar form, any dtype (float64 for gradcheck; CPUs without AVX2): the same taps, one chain per element.
 template <typename T>
 void row_generic(const T* gy, const T* wp, const Geo& g, int64_t n, int64_t t, int64_t h, T* dx) {
   // float32 sums in double: this form sums over all output channels and taps in one chain per element (the AVX-512
@@ -218,7 +218,153 @@ T3D_AVX512 void rows_avx512(const float* gy, const float* wp, const Geo& g, floa
 
 #undef T3D_AVX512
 
-// the AVX-512 rows where the CPU has them (float32); false: the caller runs the scalar form
+// ---- AVX2 (AMD Zen 2/3, older Intel): the same loops on 8-lane vectors, V vectors per phase (16 ymm registers: 2
+// phases x V x C accumulators, V = 2 up to 3 channels), so blocks of 8 V columns per phase; the per-element sums
+// are the AVX-512 form's (blocks of kSumBlock output channels, the same tap order), hence the same bits.
+#define T3D_AVX2 __attribute__((target("avx2,fma")))
+#define T3D_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+
+// the vmaskmovps mask of lanes j (columns first + j) that lie in [0, n)
+T3D_AVX2_INLINE __m256i valid_lanes8(int64_t first, int64_t n) {
+  const __m256i j = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lo = _mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(-first, -1, 8)));
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n - first, -1, 9)));
+  // -first <= j < n - first
+  return _mm256_andnot_si256(_mm256_cmpgt_epi32(lo, j), _mm256_cmpgt_epi32(hi, j));
+}
+
+// adds a block of output channels' partial sums into the row's sums (or sets them: the first block) and clears them
+template <int C, int V>
+T3D_AVX2_INLINE void flush_avx2(__m256 (&acc)[V][C], float* sum, bool first) {
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      float* d = sum + (v * C + c) * 8;
+      _mm256_store_ps(d, first ? acc[v][c] : _mm256_add_ps(_mm256_load_ps(d), acc[v][c]));
+      acc[v][c] = _mm256_setzero_ps();
+    }
+}
+
+// acc[v][c] += w[c] * x[v] for the V vectors x at src (lanes outside the row zero where Masked)
+template <int C, int V, bool Masked>
+T3D_AVX2_INLINE void tap_avx2(__m256 (&acc)[V][C], const float* src, const __m256i* mask, const float* wc) {
+  __m256 x[V];
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) x[v] = Masked ? _mm256_maskload_ps(src + 8 * v, mask[v]) : _mm256_loadu_ps(src + 8 * v);
+#pragma GCC unroll 4
+  for (int c = 0; c < C; ++c) {
+    const __m256 wv = _mm256_broadcast_ss(wc + c);
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[v][c] = _mm256_fmadd_ps(wv, x[v], acc[v][c]);
+  }
+}
+
+// One row (n, t, h) of dx, columns [8 V b, 8 V b + 8 V) of each phase. The taps run in kw order, two at a time:
+// with stride 2 the even taps reach one phase and the odd taps the other (accumulators accE / accO), so the loop has
+// no branches; each tap loads its own V vectors (the AVX-512 form shares a load between the two taps of a shift,
+// which costs a branch per tap here). Per element the order of the sums is the AVX-512 form's (blocks of kSumBlock
+// output channels; per channel kt, kh, then kw ascending), hence the same bits. Masked: some lane of some tap lies
+// outside the row (the row's first and last blocks).
+template <int C, int V, bool Masked>
+T3D_AVX2 void row_block_avx2(const float* gy, const float* wp, const Geo& g, int64_t n, int64_t t, int64_t h,
+                             int64_t b, float* dx) {
+  constexpr int64_t kSumBlock = 4;
+  __m256 accE[V][C], accO[V][C];  // the even taps' phase and the odd taps' phase
+  alignas(32) float sum0[V * C * 8], sum1[V * C * 8];
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) accE[v][c] = accO[v][c] = _mm256_setzero_ps();
+  const int64_t w0 = b * 8 * V;  // first phase column of the block
+  int64_t off[kMaxKernel];       // the first gy column each tap kw reads
+  __m256i mask[kMaxKernel][V];
+  for (int64_t kw = 0; kw < g.KW; ++kw) {
+    off[kw] = w0 + shift_of(kw, g.pw);
+    for (int v = 0; v < V; ++v) mask[kw][v] = Masked ? valid_lanes8(off[kw] + 8 * v, g.Wo) : _mm256_setzero_si256();
+  }
+  float* sumE = phase_of(0, g.pw) == 0 ? sum0 : sum1;
+  float* sumO = phase_of(0, g.pw) == 0 ? sum1 : sum0;
+  int64_t kts[kMaxKernel], tos[kMaxKernel], khs[kMaxKernel], hos[kMaxKernel];
+  int nt = 0, nh = 0;
+  for_taps(t, g.KT, g.st, g.pt, g.To, [&](int64_t k, int64_t o) { kts[nt] = k, tos[nt++] = o; });
+  for_taps(h, g.KH, g.sh, g.ph, g.Ho, [&](int64_t k, int64_t o) { khs[nh] = k, hos[nh++] = o; });
+  constexpr int64_t wstep = kMaxChannels;
+  const int64_t plane = g.To * g.Ho * g.Wo;                       // one output channel
+  const int64_t lo = std::max<int64_t>(0, off[g.KW - 1]);          // the block's first column read
+  const int64_t kw_pairs = g.KW / 2;
+  bool first = true;
+  for (int64_t o = 0; o < g.O; ++o) {
+    for (int i = 0; i < nt; ++i)
+      for (int j = 0; j < nh; ++j) {
+        const float* row = gy + (((n * g.O + o) * g.To + tos[i]) * g.Ho + hos[j]) * g.Wo;
+        const float* wk = wp + (((o * g.KT + kts[i]) * g.KH + khs[j]) * g.KW) * kMaxChannels;
+        if (o + 1 < g.O) {  // the next channel's row, 400 KB away for conv0: the hardware prefetchers miss it
+          const char* next = reinterpret_cast<const char*>(row + plane + lo);
+          _mm_prefetch(next, _MM_HINT_T0);
+          _mm_prefetch(next + 64, _MM_HINT_T0);
+        }
+        for (int64_t q = 0; q < kw_pairs; ++q) {
+          tap_avx2<C, V, Masked>(accE, row + off[2 * q], mask[2 * q], wk + 2 * q * wstep);
+          tap_avx2<C, V, Masked>(accO, row + off[2 * q + 1], mask[2 * q + 1], wk + (2 * q + 1) * wstep);
+        }
+        if (g.KW % 2) tap_avx2<C, V, Masked>(accE, row + off[g.KW - 1], mask[g.KW - 1], wk + (g.KW - 1) * wstep);
+      }
+    if ((o + 1) % kSumBlock == 0 || o + 1 == g.O) {
+      flush_avx2<C, V>(accE, sumE, first);
+      flush_avx2<C, V>(accO, sumO, first);
+      first = false;
+    }
+  }
+  // interleave the phases: dx column 2 (w0 + 8 v + j) + p
+  for (int c = 0; c < C; ++c) {
+    float* out = dx + (((n * g.C + c) * g.T + t) * g.H + h) * g.W;
+    for (int v = 0; v < V; ++v) {
+      const int64_t col = 2 * (w0 + 8 * v);
+      if (col >= g.W) break;
+      const __m256 p0 = _mm256_load_ps(sum0 + (v * C + c) * 8), p1 = _mm256_load_ps(sum1 + (v * C + c) * 8);
+      const __m256 l = _mm256_unpacklo_ps(p0, p1), u = _mm256_unpackhi_ps(p0, p1);
+      const __m256 a = _mm256_permute2f128_ps(l, u, 0x20), z = _mm256_permute2f128_ps(l, u, 0x31);
+      if (col + 16 <= g.W) {
+        _mm256_storeu_ps(out + col, a);
+        _mm256_storeu_ps(out + col + 8, z);
+      } else {  // the row's end (masked stores are slow on AMD: only here)
+        _mm256_maskstore_ps(out + col, valid_lanes8(col, g.W), a);
+        if (col + 8 < g.W) _mm256_maskstore_ps(out + col + 8, valid_lanes8(col + 8, g.W), z);
+      }
+    }
+  }
+}
+
+template <int C>
+T3D_AVX2 void rows_avx2(const float* gy, const float* packed, const Geo& g, float* dx) {
+  // the weights as [o][kt][kh][kw][c]: the loops read them in this order (with [kt][kh][kw][o][c], 1 KB between the
+  // taps kw of one channel, each tap an L1 miss that stalled the loads: 33% of the sgemm roof)
+  std::vector<float> by_channel(g.O * g.KT * g.KH * g.KW * kMaxChannels);
+  for (int64_t k = 0; k < g.KT * g.KH * g.KW; ++k)
+    for (int64_t o = 0; o < g.O; ++o)
+      for (int64_t c = 0; c < kMaxChannels; ++c)
+        by_channel[(o * g.KT * g.KH * g.KW + k) * kMaxChannels + c] = packed[(k * g.O + o) * kMaxChannels + c];
+  const float* wp = by_channel.data();
+  constexpr int V = C == 1 ? 4 : C <= 3 ? 2 : 1;  // 2 V C accumulators, V loads and a broadcast: <= 16 ymm
+  const int64_t blocks = ((g.W + 1) / 2 + 8 * V - 1) / (8 * V);
+  at::parallel_for(0, g.N * g.T * g.H * blocks, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i % blocks, h = (i / blocks) % g.H, t = (i / (blocks * g.H)) % g.T, n = i / (blocks * g.H * g.T);
+      // every tap's V vectors lie in the row: the first one's first column and the last one's last column do
+      const int64_t w0 = b * 8 * V;
+      if (w0 + shift_of(g.KW - 1, g.pw) >= 0 && w0 + shift_of(0, g.pw) + 8 * V <= g.Wo)
+        row_block_avx2<C, V, false>(gy, wp, g, n, t, h, b, dx);
+      else
+        row_block_avx2<C, V, true>(gy, wp, g, n, t, h, b, dx);
+    }
+  });
+}
+
+#undef T3D_AVX2
+#undef T3D_AVX2_INLINE
+
+// the AVX-512 or AVX2 rows where the CPU has them (float32); false: the caller runs the scalar form
 template <typename T>
 bool rows_vectorized(const T*, const T*, const Geo&, T*) {
   return false;
@@ -226,14 +372,25 @@ bool rows_vectorized(const T*, const T*, const Geo&, T*) {
 
 template <>
 bool rows_vectorized<float>(const float* gy, const float* wp, const Geo& g, float* dx) {
-  if (!cpu_has_avx512_fma()) return false;
-  switch (g.C) {
-    case 1: rows_avx512<1>(gy, wp, g, dx); break;
-    case 2: rows_avx512<2>(gy, wp, g, dx); break;
-    case 3: rows_avx512<3>(gy, wp, g, dx); break;
-    default: rows_avx512<4>(gy, wp, g, dx); break;
+  if (cpu_has_avx512_fma()) {
+    switch (g.C) {
+      case 1: rows_avx512<1>(gy, wp, g, dx); break;
+      case 2: rows_avx512<2>(gy, wp, g, dx); break;
+      case 3: rows_avx512<3>(gy, wp, g, dx); break;
+      default: rows_avx512<4>(gy, wp, g, dx); break;
+    }
+    return true;
   }
-  return true;
+  if (cpu_has_avx2_fma()) {
+    switch (g.C) {
+      case 1: rows_avx2<1>(gy, wp, g, dx); break;
+      case 2: rows_avx2<2>(gy, wp, g, dx); break;
+      case 3: rows_avx2<3>(gy, wp, g, dx); break;
+      default: rows_avx2<4>(gy, wp, g, dx); break;
+    }
+    return true;
+  }
+  return false;
 }
 
 Geo make_geo(const at::Tensor& grad_y, const at::Tensor& weight, at::IntArrayRef input_size, at::IntArrayRef stride,
