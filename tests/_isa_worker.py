@@ -4,9 +4,8 @@
 and T3D-sized ones that take the register tiles' full width, the few-position GEMM path and the Winograd conv) and
 the stem ops, the failures against the float64 reference (judged as tests/_tolerance.py judges every backend) and
 the outputs, gradients and running statistics of each, the Winograd conv's and the stem conv input gradient's
-outputs alone, and the vector path the
-extension reports (_C.cpu_isa()), to OUT (torch.save). tests/test_cpu_isa.py compares them
-across caps.
+outputs alone, and the vector path the extension reports (_C.cpu_isa()), to OUT (torch.save).
+tests/test_cpu_isa.py compares them across caps.
 """
 
 from __future__ import annotations

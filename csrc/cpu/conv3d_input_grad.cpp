@@ -51,17 +51,21 @@ inline void for_taps(int64_t i, int64_t k_n, int64_t stride, int64_t pad, int64_
 inline int64_t phase_of(int64_t kw, int64_t pad) { return ((kw - pad) % 2 + 2) % 2; }
 inline int64_t shift_of(int64_t kw, int64_t pad) { return (phase_of(kw, pad) + pad - kw) / 2; }
 
-// weights as [kt][kh][kw][o][c] (c padded to kMaxChannels): the per-tap channel weights side by side
+// weights with c padded to kMaxChannels, as [kt][kh][kw][o][c] (tap-major: the per-tap channel weights side by side,
+// the scalar and AVX-512 forms) or [o][kt][kh][kw][c] (channel-major: the AVX2 form, which reads a channel's taps in
+// this order)
 template <typename T>
-std::vector<T> pack_weights(const T* w, const Geo& g) {
+std::vector<T> pack_weights(const T* w, const Geo& g, bool channel_major = false) {
   std::vector<T> p(g.KT * g.KH * g.KW * g.O * kMaxChannels, T(0));
   for (int64_t o = 0; o < g.O; ++o)
     for (int64_t c = 0; c < g.C; ++c)
       for (int64_t kt = 0; kt < g.KT; ++kt)
         for (int64_t kh = 0; kh < g.KH; ++kh)
-          for (int64_t kw = 0; kw < g.KW; ++kw)
-            p[((((kt * g.KH + kh) * g.KW + kw) * g.O) + o) * kMaxChannels + c] =
-                w[(((o * g.C + c) * g.KT + kt) * g.KH + kh) * g.KW + kw];
+          for (int64_t kw = 0; kw < g.KW; ++kw) {
+            const int64_t tap = (kt * g.KH + kh) * g.KW + kw;
+            const int64_t at = channel_major ? o * g.KT * g.KH * g.KW + tap : tap * g.O + o;
+            p[at * kMaxChannels + c] = w[(((o * g.C + c) * g.KT + kt) * g.KH + kh) * g.KW + kw];
+          }
   return p;
 }
 
@@ -218,8 +222,8 @@ T3D_AVX512 void rows_avx512(const float* gy, const float* wp, const Geo& g, floa
 
 #undef T3D_AVX512
 
-// ---- AVX2 (AMD Zen 2/3, older Intel): the same loops on 8-lane vectors, V vectors per phase (16 ymm registers: 2
-// phases x V x C accumulators, V = 2 up to 3 channels), so blocks of 8 V columns per phase; the per-element sums
+// ---- AVX2 (AMD Zen 2/3, older Intel): 8-lane vectors, V per phase (16 ymm registers: 2 phases x V x C
+// accumulators, V = 4 for 1 channel, 2 for 2-3, 1 for 4), so blocks of 8 V columns per phase; the per-element sums
 // are the AVX-512 form's (blocks of kSumBlock output channels, the same tap order), hence the same bits.
 #define T3D_AVX2 __attribute__((target("avx2,fma")))
 #define T3D_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
@@ -337,15 +341,7 @@ T3D_AVX2 void row_block_avx2(const float* gy, const float* wp, const Geo& g, int
 }
 
 template <int C>
-T3D_AVX2 void rows_avx2(const float* gy, const float* packed, const Geo& g, float* dx) {
-  // the weights as [o][kt][kh][kw][c]: the loops read them in this order (with [kt][kh][kw][o][c], 1 KB between the
-  // taps kw of one channel, each tap an L1 miss that stalled the loads: 33% of the sgemm roof)
-  std::vector<float> by_channel(g.O * g.KT * g.KH * g.KW * kMaxChannels);
-  for (int64_t k = 0; k < g.KT * g.KH * g.KW; ++k)
-    for (int64_t o = 0; o < g.O; ++o)
-      for (int64_t c = 0; c < kMaxChannels; ++c)
-        by_channel[(o * g.KT * g.KH * g.KW + k) * kMaxChannels + c] = packed[(k * g.O + o) * kMaxChannels + c];
-  const float* wp = by_channel.data();
+T3D_AVX2 void rows_avx2(const float* gy, const float* wp, const Geo& g, float* dx) {
   constexpr int V = C == 1 ? 4 : C <= 3 ? 2 : 1;  // 2 V C accumulators, V loads and a broadcast: <= 16 ymm
   const int64_t blocks = ((g.W + 1) / 2 + 8 * V - 1) / (8 * V);
   at::parallel_for(0, g.N * g.T * g.H * blocks, 8, [&](int64_t begin, int64_t end) {
@@ -364,30 +360,35 @@ T3D_AVX2 void rows_avx2(const float* gy, const float* packed, const Geo& g, floa
 #undef T3D_AVX2
 #undef T3D_AVX2_INLINE
 
-// the AVX-512 or AVX2 rows where the CPU has them (float32); false: the caller runs the scalar form
+// f(std::integral_constant<int, C>) for the channel count C = g.C (1-4): the kernels' accumulators need it at
+// compile time
+template <typename F>
+void with_channels(const Geo& g, F f) {
+  switch (g.C) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// the AVX-512 or AVX2 rows where the CPU has them (float32), each packing the weights in its layout; false: the
+// caller runs the scalar form
 template <typename T>
 bool rows_vectorized(const T*, const T*, const Geo&, T*) {
   return false;
 }
 
 template <>
-bool rows_vectorized<float>(const float* gy, const float* wp, const Geo& g, float* dx) {
+bool rows_vectorized<float>(const float* gy, const float* w, const Geo& g, float* dx) {
   if (cpu_has_avx512_fma()) {
-    switch (g.C) {
-      case 1: rows_avx512<1>(gy, wp, g, dx); break;
-      case 2: rows_avx512<2>(gy, wp, g, dx); break;
-      case 3: rows_avx512<3>(gy, wp, g, dx); break;
-      default: rows_avx512<4>(gy, wp, g, dx); break;
-    }
+    const auto wp = pack_weights(w, g);
+    with_channels(g, [&](auto c) { rows_avx512<decltype(c)::value>(gy, wp.data(), g, dx); });
     return true;
   }
   if (cpu_has_avx2_fma()) {
-    switch (g.C) {
-      case 1: rows_avx2<1>(gy, wp, g, dx); break;
-      case 2: rows_avx2<2>(gy, wp, g, dx); break;
-      case 3: rows_avx2<3>(gy, wp, g, dx); break;
-      default: rows_avx2<4>(gy, wp, g, dx); break;
-    }
+    const auto wp = pack_weights(w, g, /*channel_major=*/true);
+    with_channels(g, [&](auto c) { rows_avx2<decltype(c)::value>(gy, wp.data(), g, dx); });
     return true;
   }
   return false;
@@ -438,8 +439,8 @@ at::Tensor conv3d_input_grad_cpu(const at::Tensor& grad_y, const at::Tensor& wei
   auto w = weight.contiguous();
   auto dx = at::empty(input_size, grad_y.options());
   T3D_DISPATCH_FP32_FP64(gy, "grad_y", "CPU conv3d input gradient", [&] {
+    if (rows_vectorized(gy.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), g, dx.data_ptr<scalar_t>())) return 0;
     const auto wp = pack_weights<scalar_t>(w.data_ptr<scalar_t>(), g);
-    if (rows_vectorized(gy.data_ptr<scalar_t>(), wp.data(), g, dx.data_ptr<scalar_t>())) return 0;
     const scalar_t* gp = gy.data_ptr<scalar_t>();
     scalar_t* out = dx.data_ptr<scalar_t>();
     at::parallel_for(0, g.N * g.T * g.H, 8, [&](int64_t begin, int64_t end) {

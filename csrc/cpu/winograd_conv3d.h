@@ -12,10 +12,12 @@
 namespace t3d {
 
 // True when winograd_conv3x3x3 takes (x, w) here: a float32 5-D x (N, C, T, H, W) whose samples are each
-// contiguous (a channel slice of a bigger tensor is fine), a float32 (K, C, 3, 3, 3) weight, a CPU with AVX-512F or AVX2+FMA.
+// contiguous (a channel slice of a bigger tensor is fine), a float32 (K, C, 3, 3, 3) weight, a CPU with AVX-512F or
+// AVX2+FMA.
 bool winograd_conv3x3x3_applies(const at::Tensor& x, const at::Tensor& w);
 
-// ... and enough output tiles for it to beat oneDNN's direct convolution here (winograd_conv3d.cpp: min_tiles(), per ISA).
+// ... and enough output tiles for it to beat oneDNN's direct convolution here (winograd_conv3d.cpp: min_tiles(), per
+// ISA).
 bool winograd_conv3x3x3_pays(const at::Tensor& x, const at::Tensor& w);
 
 // y (N, K, T, H, W) = conv3d(x, w, padding=1). Written into `out` when it is defined (shape and dtype checked; its
@@ -27,7 +29,8 @@ at::Tensor winograd_conv3x3x3(const at::Tensor& x, const at::Tensor& w, at::Tens
 // grad_y contiguous (channel slices are fine).
 at::Tensor winograd_conv3x3x3_grad_weight(const at::Tensor& x, const at::Tensor& grad_y);
 
-// ... for (x, grad_y) of the conv with weight w's shape, and enough tiles for it to beat ATen's (per ISA: winograd_conv3d.cpp).
+// ... for (x, grad_y) of the conv with weight w's shape, and enough tiles for it to beat ATen's (per ISA:
+// winograd_conv3d.cpp).
 bool winograd_conv3x3x3_grad_weight_pays(const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& w);
 
 }  // namespace t3d
