@@ -43,6 +43,21 @@ namespace {
 
 #define T3D_INLINE inline __attribute__((always_inline))
 
+// float row kernels compiled for AVX-512, AVX2 and baseline x86-64, picked at load time
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define T3D_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define T3D_CLONES
+#endif
+typedef float v16f __attribute__((vector_size(64)));
+
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+
 template <typename T>
 constexpr int kLanes = 64 / sizeof(T);  // one 64-byte vector (an AVX-512 register) of T
 
@@ -319,9 +334,10 @@ T3D_INLINE void gather_column(const T* src, int64_t stride, T* dst) {
   for (int64_t i = 0; i < NV * kLanes<T>; ++i) dst[i] = src[i * stride];
 }
 template <typename T>
-T3D_INLINE void dgrad_tile_mv(const T* const* tap_rows, const T* const* wt, int ntaps, int64_t cout, T* acc) {
+T3D_INLINE void dgrad_tile_mv(const T* const* tap_rows, const T* const* wt, int ntaps, int64_t cout, T* acc,
+                              int64_t lanes) {
   if constexpr (std::is_same_v<T, float>) {
-    if (use_avx512()) return dgrad_tile_avx512(tap_rows, wt, ntaps, cout, acc);
+    if (use_avx512()) return dgrad_tile_avx512(tap_rows, wt, ntaps, cout, acc, lanes);
     if (use_avx2()) return dgrad_tile_avx2(tap_rows, wt, ntaps, cout, acc);
   }
   dgrad_tile_generic<T>(tap_rows, wt, ntaps, cout, acc);
@@ -818,6 +834,14 @@ T3D_INLINE bool tap_hits(int64_t v, int64_t o0, int64_t k, int64_t s, int64_t n_
   return out_idx < n_out;
 }
 
+// The source indices [lo, hi) along one dim that the input gradient (step 5) reads: with pooling the box windows
+// that overlap the input, v in [pad - 1, pad + n - 1] (box_window); without, the input itself, [pad, pad + n). The
+// other source positions (the box windows that lie wholly in the zero padding) get no gradient computed.
+inline void source_rows_read(int64_t pad, int64_t n, bool pool, int64_t& lo, int64_t& hi) {
+  lo = pool ? std::max<int64_t>(0, pad - 1) : pad;
+  hi = pad + n;
+}
+
 template <typename T>
 void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vector<at::Tensor>& weights, T* gsrc) {
   constexpr int64_t L = kLanes<T>, NR = NV * L;
@@ -833,9 +857,14 @@ void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vect
   };
   std::vector<Tile> tiles;
   std::vector<std::vector<int64_t>> class_pos(s * s * s);  // (ts, hs, ws) packed as row index within a sample
-  for (int64_t ts = 0; ts < g.Ts; ++ts)
-    for (int64_t hs = 0; hs < g.Hs; ++hs)
-      for (int64_t ws = 0; ws < g.Ws; ++ws)
+  // only the source positions the input gradient reads (source_rows_read): the rest of gsrc is left unwritten
+  int64_t t_lo, t_hi, h_lo, h_hi, w_lo, w_hi;
+  source_rows_read(g.front, g.T, g.pool, t_lo, t_hi);
+  source_rows_read(g.ph, g.H, g.pool, h_lo, h_hi);
+  source_rows_read(g.pw, g.W, g.pool, w_lo, w_hi);
+  for (int64_t ts = t_lo; ts < t_hi; ++ts)
+    for (int64_t hs = h_lo; hs < h_hi; ++hs)
+      for (int64_t ws = w_lo; ws < w_hi; ++ws)
         class_pos[((ts % s) * s + hs % s) * s + ws % s].push_back((ts * g.Hs + hs) * g.Ws + ws);
   for (int64_t n = 0; n < pb.N; ++n)
     for (int64_t cls = 0; cls < s * s * s; ++cls)
@@ -887,6 +916,7 @@ void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vect
         }
       }
       for (int64_t cbi = 0; cbi < ncb; ++cbi) {
+        const int64_t c0 = cbi * NR, cvalid = std::min<int64_t>(NR, C - c0);
         alignas(64) T a[MR * NR] = {};
         for (int64_t bi = 0; bi < nb; ++bi) {
           if (tap_ids[bi].empty()) continue;
@@ -895,9 +925,8 @@ void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vect
           const T* wbase = packed[bi].data_ptr<T>() + cbi * taps * b.cout * NR;
           wt.clear();
           for (int64_t j : tap_ids[bi]) wt.push_back(wbase + j * b.cout * NR);
-          dgrad_tile_mv(tap_rows[bi].data(), wt.data(), (int)wt.size(), b.cout, a);
+          dgrad_tile_mv(tap_rows[bi].data(), wt.data(), (int)wt.size(), b.cout, a, cvalid);
         }
-        const int64_t c0 = cbi * NR, cvalid = std::min<int64_t>(NR, C - c0);
         for (int r = 0; r < tile.count; ++r)
           std::memcpy(gsrc + (tile.n * g.Ts * g.Hs * g.Ws + pos[r]) * C + c0, a + r * NR, cvalid * sizeof(T));
       }
@@ -913,20 +942,6 @@ void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vect
 // and the BN sums (vectorized row kernels below). A plane's two source frames stay in L2 across its channel blocks
 // (tasks of (sample, channel block) sweeping the frames in order read each line once but were 1.5x slower: strided
 // misses); nothing of the plane's size is written but grad_x. Measured at TTL1 of T3D-121, 1 thread: 28 -> 9 ms.
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define T3D_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define T3D_CLONES
-#endif
-typedef float v16f __attribute__((vector_size(64)));
-
-inline v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
 
 // ReLU mask and BN backward of one row: g = relu'(x * sc + sh) * gz; out = training ? g : g * sc; sums of g and
 // g * (x - mu), in blocks of kSumBlock ("Summation order")
@@ -994,6 +1009,30 @@ bool plane_is_row(const int64_t* s, const TtlGeometry& g) {
   return s[4] == 1 && (s[3] == g.W || g.H == 1);
 }
 
+// The box adjoint of one block of 16 channels of frame plane f1 (and f0, the frame before it, or null), float:
+// tsum[q] = f1[q] + f0[q] over the rows [h_lo, h_hi) and columns [w_lo, w_hi) source_grad wrote, then
+// gzt[cc][h * W + w] = 0.125 * (the sum of tsum over the 2x2 window (uh-1..uh, uw-1..uw) in that order). The same
+// operations per channel as the generic loop in input_grad, on one 16-lane vector.
+T3D_CLONES void box_adjoint_block16(const float* f0, const float* f1, int64_t C, const TtlGeometry& g, int64_t h_lo,
+                                    int64_t h_hi, int64_t w_lo, int64_t w_hi, float* tsum, float* gzt) {
+  const v16f zero = {};
+  for (int64_t hs = h_lo; hs < h_hi; ++hs)
+    for (int64_t q = hs * g.Ws + w_lo; q < hs * g.Ws + w_hi; ++q)
+      store16(tsum + q * 16, load16(f1 + q * C) + (f0 ? load16(f0 + q * C) : zero));
+  const int64_t hw = g.H * g.W;
+  for (int64_t h = 0; h < g.H; ++h)
+    for (int64_t w = 0; w < g.W; ++w) {
+      const int64_t uh = h + g.ph, uw = w + g.pw;
+      v16f v = zero;
+      for (int64_t hs = uh - 1; hs <= uh; ++hs)
+        for (int64_t ws = uw - 1; ws <= uw; ++ws)
+          if (hs >= 0 && ws >= 0) v += load16(tsum + (hs * g.Ws + ws) * 16);
+      v *= 0.125f;
+      float* d = gzt + h * g.W + w;
+      for (int cc = 0; cc < 16; ++cc) d[cc * hw] = v[cc];
+    }
+}
+
 template <typename T>
 void input_grad(const T* gsrc, const at::Tensor& x, const Problem& pb, const T* scale, const T* shift,
                 const T* mean, const T* invstd, bool training, at::Tensor& grad_x, T* sum_g, T* sum_gx) {
@@ -1008,6 +1047,9 @@ void input_grad(const T* gsrc, const at::Tensor& x, const Problem& pb, const T* 
   const int nthreads = at::get_num_threads();
   std::vector<T> partial(2 * C * nthreads, T(0));
   const int64_t plane = g.Hs * g.Ws * C;
+  int64_t h_lo, h_hi, w_lo, w_hi;
+  source_rows_read(g.ph, g.H, g.pool, h_lo, h_hi);
+  source_rows_read(g.pw, g.W, g.pool, w_lo, w_hi);
   at::parallel_for(0, pb.N * g.T, 1, [&](int64_t begin, int64_t end) {
     T* psum_g = partial.data() + 2 * C * at::get_thread_num();
     T* psum_gx = psum_g + C;
@@ -1022,22 +1064,33 @@ void input_grad(const T* gsrc, const at::Tensor& x, const Problem& pb, const T* 
         if (g.pool) {  // the adjoint of the 2-window mean: source frames ut-1 and ut, rows uh-1, uh, columns uw-1, uw
           const T* f1 = base + ut * plane + c0;
           const T* f0 = ut >= 1 ? base + (ut - 1) * plane + c0 : nullptr;
-          for (int64_t q = 0; q < g.Hs * g.Ws; ++q) {
-            T* d = tsum.data() + q * CB;
-            for (int64_t cc = 0; cc < cn; ++cc) d[cc] = f1[q * C + cc] + (f0 ? f0[q * C + cc] : T(0));
-          }
-          for (int64_t h = 0; h < g.H; ++h)
-            for (int64_t w = 0; w < g.W; ++w) {
-              const int64_t uh = h + g.ph, uw = w + g.pw;
-              T v[CB] = {};
-              for (int64_t hs = uh - 1; hs <= uh; ++hs)
-                for (int64_t ws = uw - 1; ws <= uw; ++ws) {
-                  if (hs < 0 || ws < 0) continue;  // hs <= Hs - 1 and ws <= Ws - 1 always
-                  const T* pi = tsum.data() + (hs * g.Ws + ws) * CB;
-                  for (int64_t cc = 0; cc < CB; ++cc) v[cc] += pi[cc];
-                }
-              for (int64_t cc = 0; cc < cn; ++cc) gzt[cc * hw + h * g.W + w] = v[cc] * box_weight<T>();
+          bool done = false;  // the float path with a full block of 16 channels: one vector per position
+          if constexpr (std::is_same_v<T, float>) {
+            static_assert(CB == 16, "box_adjoint_block16 takes blocks of 16 channels");
+            if (cn == CB) {
+              box_adjoint_block16(f0, f1, C, g, h_lo, h_hi, w_lo, w_hi, tsum.data(), gzt.data());
+              done = true;
             }
+          }
+          if (!done) {
+            for (int64_t hs = h_lo; hs < h_hi; ++hs)  // the rows and columns source_grad wrote
+              for (int64_t q = hs * g.Ws + w_lo; q < hs * g.Ws + w_hi; ++q) {
+                T* d = tsum.data() + q * CB;
+                for (int64_t cc = 0; cc < cn; ++cc) d[cc] = f1[q * C + cc] + (f0 ? f0[q * C + cc] : T(0));
+              }
+            for (int64_t h = 0; h < g.H; ++h)
+              for (int64_t w = 0; w < g.W; ++w) {
+                const int64_t uh = h + g.ph, uw = w + g.pw;
+                T v[CB] = {};
+                for (int64_t hs = uh - 1; hs <= uh; ++hs)
+                  for (int64_t ws = uw - 1; ws <= uw; ++ws) {
+                    if (hs < 0 || ws < 0) continue;  // hs <= Hs - 1 and ws <= Ws - 1 always
+                    const T* pi = tsum.data() + (hs * g.Ws + ws) * CB;
+                    for (int64_t cc = 0; cc < CB; ++cc) v[cc] += pi[cc];
+                  }
+                for (int64_t cc = 0; cc < cn; ++cc) gzt[cc * hw + h * g.W + w] = v[cc] * box_weight<T>();
+              }
+          }
         } else {
           const T* pl = base + ut * plane + c0;
           for (int64_t h = 0; h < g.H; ++h)

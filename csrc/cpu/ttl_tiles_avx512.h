@@ -99,30 +99,43 @@ T3D_AVX512 void wgrad_tile_avx512(const float* src, const int64_t* rows, int64_t
   }
 }
 
-T3D_AVX512 void dgrad_tile_avx512(const float* const* tap_rows, const float* const* wt, int ntaps, int64_t cout,
-                                  float* acc) {
+// NVT <= kAvxNV vectors of the tile's columns: the last channel block of a source whose channel count is not a
+// multiple of kAvxNV * 16 computes only the vectors it has (each lane's sum is the same either way)
+template <int NVT>
+T3D_AVX512 void dgrad_tile_avx512_n(const float* const* tap_rows, const float* const* wt, int ntaps, int64_t cout,
+                                    float* acc) {
   constexpr int NR = kAvxNV * 16;
   const int group = dgrad_block_taps(cout);
   for (int j0 = 0; j0 < ntaps; j0 += group) {
     const int je = std::min(ntaps, j0 + group);
-    __m512 a[kAvxMR][kAvxNV];
-    T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) T3D_UNROLL for (int v = 0; v < kAvxNV; ++v) a[r][v] =
+    __m512 a[kAvxMR][NVT];
+    T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) T3D_UNROLL for (int v = 0; v < NVT; ++v) a[r][v] =
         _mm512_setzero_ps();
     for (int j = j0; j < je; ++j) {
       const float* const* p = tap_rows + j * kAvxMR;
       const float* w = wt[j];
       for (int64_t o = 0; o < cout; ++o, w += NR) {
-        const __m512 b0 = _mm512_loadu_ps(w), b1 = _mm512_loadu_ps(w + 16), b2 = _mm512_loadu_ps(w + 32);
+        __m512 b[NVT];
+        T3D_UNROLL for (int v = 0; v < NVT; ++v) b[v] = _mm512_loadu_ps(w + v * 16);
         T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) {
           const __m512 s = _mm512_set1_ps(p[r][o]);
-          a[r][0] = _mm512_fmadd_ps(s, b0, a[r][0]);
-          a[r][1] = _mm512_fmadd_ps(s, b1, a[r][1]);
-          a[r][2] = _mm512_fmadd_ps(s, b2, a[r][2]);
+          T3D_UNROLL for (int v = 0; v < NVT; ++v) a[r][v] = _mm512_fmadd_ps(s, b[v], a[r][v]);
         }
       }
     }
-    add_tile_avx512(a, acc, NR, kAvxMR, false);
+    T3D_UNROLL for (int r = 0; r < kAvxMR; ++r) T3D_UNROLL for (int v = 0; v < NVT; ++v) {
+      float* d = acc + r * NR + v * 16;
+      _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), a[r][v]));
+    }
   }
+}
+
+// acc (MR x NR) += the tile's sums for its first `lanes` columns (the rest of acc is left as it is)
+T3D_AVX512 void dgrad_tile_avx512(const float* const* tap_rows, const float* const* wt, int ntaps, int64_t cout,
+                                  float* acc, int64_t lanes) {
+  if (lanes > 32) return dgrad_tile_avx512_n<3>(tap_rows, wt, ntaps, cout, acc);
+  if (lanes > 16) return dgrad_tile_avx512_n<2>(tap_rows, wt, ntaps, cout, acc);
+  dgrad_tile_avx512_n<1>(tap_rows, wt, ntaps, cout, acc);
 }
 
 // dst[i] = src[i * stride] for i < kAvxNV * 16 (the weight packing's column gathers, from an L1 buffer)
