@@ -3,7 +3,7 @@
 //
 // Pieces (forward):
 //   1. build_source: BN-ReLU + zero padding + the separable 2x2x2 box filter in one pass over x, written
-//      channels-last: src (N, Ts, Hs, Ws, C). Not kept for backward (recomputed there).
+//      channels-last: src (N, Ts, Hs, Ws, Cs), Cs >= C elements per position (source_position_stride). Not kept for backward (recomputed there).
 //   2. conv_forward: per branch, an implicit GEMM  y[p, o] = sum_{tap, c} src[row(p) + tap, c] * W[o, c, tap]
 //      through an indirection of row offsets (XNNPACK's indirect convolution): output positions p are
 //      register-tile rows, output channels are vector lanes, the input channel is the reduction. Stride 2 costs
@@ -83,15 +83,29 @@ struct Branch {
 
 struct Problem {
   int64_t N, C, Mo;  // batch, input channels, output positions per sample
+  int64_t Cs;        // elements per source position (C and a few padding channels: source_position_stride)
   TtlGeometry g;
   std::vector<Branch> branches;
   int64_t C_out;
 };
 
+// Elements per position of the channels-last source tensor: C rounded up to 32 bytes, plus 32 more where that is an
+// even number of 32-byte units. The kernels read the source at stride 2 along W; with C = 256 float32 that stride is
+// exactly 2 KB, so every row they read maps onto 2 of the L1's 64 sets (and few of the L2's) and the rows evicted
+// each other: the weight gradient at TTL1 of T3D-121 ran 1.4x slower than at C = 240. With an odd number of 32-byte
+// units the stride-2 rows walk all the sets. The padding channels are never read.
+int64_t source_position_stride(int64_t C, int64_t elem_size) {
+  const int64_t unit = std::max<int64_t>(1, 32 / elem_size);
+  int64_t cs = (C + unit - 1) / unit * unit;
+  if ((cs / unit) % 2 == 0) cs += unit;
+  return cs;
+}
+
 Problem make_problem(const at::Tensor& x, const std::vector<at::Tensor>& weights, bool pool, int64_t nr) {
   Problem pb;
   pb.N = x.size(0);
   pb.C = x.size(1);
+  pb.Cs = source_position_stride(pb.C, x.element_size());
   pb.g = geometry_from_weights(x.size(2), x.size(3), x.size(4), weights, pool);
   pb.Mo = pb.g.To * pb.g.Ho * pb.g.Wo;
   int64_t y_off = 0, acc_col = 0;
@@ -148,15 +162,15 @@ void bn_relu_plane(const T* x, const int64_t* xs, int64_t n, int64_t t, int64_t 
 
 // spatial part of the source plane: box ? sum of the 2x2 window of the zero-padded z : the zero-padded z
 template <typename T>
-void spatial_plane(const T* z, bool valid, const TtlGeometry& g, int64_t C, bool box, T* out) {
-  const int64_t plane = g.Hs * g.Ws * C;
+void spatial_plane(const T* z, bool valid, const TtlGeometry& g, int64_t C, int64_t Cs, bool box, T* out) {
+  const int64_t plane = g.Hs * g.Ws * Cs;
   if (!valid) {
     std::fill(out, out + plane, T(0));
     return;
   }
   for (int64_t hs = 0; hs < g.Hs; ++hs)
     for (int64_t ws = 0; ws < g.Ws; ++ws) {
-      T* po = out + (hs * g.Ws + ws) * C;
+      T* po = out + (hs * g.Ws + ws) * Cs;
       int64_t hlo, hhi, wlo, whi;
       if (box) {
         box_window(hs, g.ph, g.H, hlo, hhi);
@@ -181,7 +195,7 @@ void build_source(const at::Tensor& x, const T* scale, const T* shift, const Pro
   const int64_t C = pb.C;
   const T* xp = x.data_ptr<T>();
   const int64_t xs[5] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
-  const int64_t plane = g.Hs * g.Ws * C;
+  const int64_t plane = g.Hs * g.Ws * pb.Cs;  // padding channels: 0 (the planes' buffers start zeroed)
   at::parallel_for(0, pb.N * g.Ts, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> z(g.H * g.W * C), cur(plane), next(plane);
     // (n*Ts + ts) whose spatial box plane is in `cur`. The plane after a sample's last frame is that sample's
@@ -191,7 +205,7 @@ void build_source(const at::Tensor& x, const T* scale, const T* shift, const Pro
       const int64_t t = tp - g.front;
       const bool valid = t >= 0 && t < g.T;
       if (valid) bn_relu_plane(xp, xs, n, t, C, g.H, g.W, scale, shift, z.data());
-      spatial_plane(z.data(), valid, g, C, g.pool, out);
+      spatial_plane(z.data(), valid, g, C, pb.Cs, g.pool, out);
     };
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t n = idx / g.Ts, ts = idx % g.Ts;
@@ -667,7 +681,7 @@ void tap_rows_of(T* src, const Problem& pb, const Branch& b, int64_t row, P* out
   for (int64_t dt = 0; dt < b.depth; ++dt)
     for (int64_t dh = 0; dh < b.kh; ++dh)
       for (int64_t dw = 0; dw < b.kw; ++dw)
-        out[(dt * b.kh + dh) * b.kw + dw] = src + (row + b.origin_row + (dt * g.Hs + dh) * g.Ws + dw) * pb.C;
+        out[(dt * b.kh + dh) * b.kw + dw] = src + (row + b.origin_row + (dt * g.Hs + dh) * g.Ws + dw) * pb.Cs;
 }
 
 constexpr int64_t kCB = 16;  // channels per block of the im2col transposes (a 64-byte line of float32)
@@ -762,7 +776,7 @@ void conv_forward(const T* src, const Problem& pb, const std::vector<at::Tensor>
       for (int64_t dt = 0; dt < b.depth; ++dt)
         for (int64_t dh = 0; dh < b.kh; ++dh)
           for (int64_t dw = 0; dw < b.kw; ++dw)
-            tap_off[(dt * b.kh + dh) * b.kw + dw] = ((dt * g.Hs + dh) * g.Ws + dw) * C;
+            tap_off[(dt * b.kh + dh) * b.kw + dw] = ((dt * g.Hs + dh) * g.Ws + dw) * pb.Cs;
       const T* wbase = packed[bi].data_ptr<T>();
       std::vector<const T*> wtap(sp);
       for (int64_t nb = 0; nb < b.nblocks; ++nb) {
@@ -776,7 +790,7 @@ void conv_forward(const T* src, const Problem& pb, const std::vector<at::Tensor>
               const int64_t p0 = t * MR;
               const int mr_valid = (int)std::min<int64_t>(MR, M - p0);
               for (int r = 0; r < MR; ++r)
-                tile_rows[r] = (rows[p0 + std::min(r, mr_valid - 1)] + b.origin_row) * C;
+                tile_rows[r] = (rows[p0 + std::min(r, mr_valid - 1)] + b.origin_row) * pb.Cs;
               fwd_tile_mv(src, tile_rows, tap_off.data() + dt * sp, (int)sp, c0, cb, wtap.data(), acc_nb + p0 * ld, ld,
                           mr_valid, first);
             }
@@ -928,7 +942,7 @@ void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vect
           dgrad_tile_mv(tap_rows[bi].data(), wt.data(), (int)wt.size(), b.cout, a, cvalid);
         }
         for (int r = 0; r < tile.count; ++r)
-          std::memcpy(gsrc + (tile.n * g.Ts * g.Hs * g.Ws + pos[r]) * C + c0, a + r * NR, cvalid * sizeof(T));
+          std::memcpy(gsrc + (tile.n * g.Ts * g.Hs * g.Ws + pos[r]) * pb.Cs + c0, a + r * NR, cvalid * sizeof(T));
       }
     }
   });
@@ -1009,16 +1023,17 @@ bool plane_is_row(const int64_t* s, const TtlGeometry& g) {
   return s[4] == 1 && (s[3] == g.W || g.H == 1);
 }
 
-// The box adjoint of one block of 16 channels of frame plane f1 (and f0, the frame before it, or null), float:
+// The box adjoint of one block of 16 channels of frame plane f1 (and f0, the frame before it, or null; positions ld
+// floats apart), float:
 // tsum[q] = f1[q] + f0[q] over the rows [h_lo, h_hi) and columns [w_lo, w_hi) source_grad wrote, then
 // gzt[cc][h * W + w] = 0.125 * (the sum of tsum over the 2x2 window (uh-1..uh, uw-1..uw) in that order). The same
 // operations per channel as the generic loop in input_grad, on one 16-lane vector.
-T3D_CLONES void box_adjoint_block16(const float* f0, const float* f1, int64_t C, const TtlGeometry& g, int64_t h_lo,
+T3D_CLONES void box_adjoint_block16(const float* f0, const float* f1, int64_t ld, const TtlGeometry& g, int64_t h_lo,
                                     int64_t h_hi, int64_t w_lo, int64_t w_hi, float* tsum, float* gzt) {
   const v16f zero = {};
   for (int64_t hs = h_lo; hs < h_hi; ++hs)
     for (int64_t q = hs * g.Ws + w_lo; q < hs * g.Ws + w_hi; ++q)
-      store16(tsum + q * 16, load16(f1 + q * C) + (f0 ? load16(f0 + q * C) : zero));
+      store16(tsum + q * 16, load16(f1 + q * ld) + (f0 ? load16(f0 + q * ld) : zero));
   const int64_t hw = g.H * g.W;
   for (int64_t h = 0; h < g.H; ++h)
     for (int64_t w = 0; w < g.W; ++w) {
@@ -1046,7 +1061,7 @@ void input_grad(const T* gsrc, const at::Tensor& x, const Problem& pb, const T* 
   const bool x_row = plane_is_row(xs, g), g_row = plane_is_row(gs, g);
   const int nthreads = at::get_num_threads();
   std::vector<T> partial(2 * C * nthreads, T(0));
-  const int64_t plane = g.Hs * g.Ws * C;
+  const int64_t Cs = pb.Cs, plane = g.Hs * g.Ws * Cs;
   int64_t h_lo, h_hi, w_lo, w_hi;
   source_rows_read(g.ph, g.H, g.pool, h_lo, h_hi);
   source_rows_read(g.pw, g.W, g.pool, w_lo, w_hi);
@@ -1068,7 +1083,7 @@ void input_grad(const T* gsrc, const at::Tensor& x, const Problem& pb, const T* 
           if constexpr (std::is_same_v<T, float>) {
             static_assert(CB == 16, "box_adjoint_block16 takes blocks of 16 channels");
             if (cn == CB) {
-              box_adjoint_block16(f0, f1, C, g, h_lo, h_hi, w_lo, w_hi, tsum.data(), gzt.data());
+              box_adjoint_block16(f0, f1, Cs, g, h_lo, h_hi, w_lo, w_hi, tsum.data(), gzt.data());
               done = true;
             }
           }
@@ -1076,7 +1091,7 @@ void input_grad(const T* gsrc, const at::Tensor& x, const Problem& pb, const T* 
             for (int64_t hs = h_lo; hs < h_hi; ++hs)  // the rows and columns source_grad wrote
               for (int64_t q = hs * g.Ws + w_lo; q < hs * g.Ws + w_hi; ++q) {
                 T* d = tsum.data() + q * CB;
-                for (int64_t cc = 0; cc < cn; ++cc) d[cc] = f1[q * C + cc] + (f0 ? f0[q * C + cc] : T(0));
+                for (int64_t cc = 0; cc < cn; ++cc) d[cc] = f1[q * Cs + cc] + (f0 ? f0[q * Cs + cc] : T(0));
               }
             for (int64_t h = 0; h < g.H; ++h)
               for (int64_t w = 0; w < g.W; ++w) {
@@ -1095,7 +1110,7 @@ void input_grad(const T* gsrc, const at::Tensor& x, const Problem& pb, const T* 
           const T* pl = base + ut * plane + c0;
           for (int64_t h = 0; h < g.H; ++h)
             for (int64_t w = 0; w < g.W; ++w) {
-              const T* pi = pl + ((h + g.ph) * g.Ws + w + g.pw) * C;
+              const T* pi = pl + ((h + g.ph) * g.Ws + w + g.pw) * Cs;
               for (int64_t cc = 0; cc < cn; ++cc) gzt[cc * hw + h * g.W + w] = pi[cc];
             }
         }
@@ -1247,7 +1262,7 @@ at::Tensor ttl_forward_cpu(const at::Tensor& x, const at::Tensor& bn_weight, con
     const Problem pb = make_problem(x, ws, pool, NV * kLanes<scalar_t>);
     std::vector<scalar_t> scale, shift, invstd;
     folded_bn<scalar_t>(bn_weight, bn_bias, mean, var, eps, scale, shift, invstd);
-    auto src = source_workspace({pb.N, pb.g.Ts, pb.g.Hs, pb.g.Ws, pb.C}, x.options());
+    auto src = source_workspace({pb.N, pb.g.Ts, pb.g.Hs, pb.g.Ws, pb.Cs}, x.options());
     build_source<scalar_t>(x, scale.data(), shift.data(), pb, src.data_ptr<scalar_t>());
     y = empty_huge({pb.N, pb.C_out, pb.g.To, pb.g.Ho, pb.g.Wo}, x.options());
     if (use_gemm_path(pb))
@@ -1281,7 +1296,7 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
                 grad_y.sizes());
     std::vector<T> scale, shift, invstd;
     folded_bn<T>(bn_weight, bn_bias, mean, var, eps, scale, shift, invstd);
-    auto src = source_workspace({pb.N, g.Ts, g.Hs, g.Ws, pb.C}, x.options());
+    auto src = source_workspace({pb.N, g.Ts, g.Hs, g.Ws, pb.Cs}, x.options());
     build_source<T>(x, scale.data(), shift.data(), pb, src.data_ptr<T>());
     const T* srcp = src.data_ptr<T>();
     // gy channels-last with NR zero columns of slack so full-width vector loads stay in bounds
@@ -1319,7 +1334,7 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
       auto gw = empty_huge({b.cout, pb.C, b.depth, b.kh, b.kw}, x.options());
       T* gwp = gw.data_ptr<T>();
       std::vector<int64_t> rows_c(M);
-      for (int64_t p = 0; p < M; ++p) rows_c[p] = (rows[p] + b.origin_row) * pb.C;
+      for (int64_t p = 0; p < M; ++p) rows_c[p] = (rows[p] + b.origin_row) * pb.Cs;
       // reduce over positions one sample at a time (each task's accumulator tile kept in memory, tiles ordered
       // [nb][ct][tap]), so the source rows a sample's tasks read stay in cache instead of streaming a whole batch
       // per task
@@ -1335,7 +1350,7 @@ TtlGrads ttl_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
             const int64_t ct = task % nct, nb = (task / nct) % b.nblocks, j = task / (nct * b.nblocks);
             const int64_t dt = j / (b.kh * b.kw), dh = (j / b.kw) % b.kh, dw = j % b.kw;
             const int64_t c0 = ct * MR, cvalid = std::min<int64_t>(MR, pb.C - c0);
-            const int64_t off = ((dt * g.Hs + dh) * g.Ws + dw) * pb.C + c0;
+            const int64_t off = ((dt * g.Hs + dh) * g.Ws + dw) * pb.Cs + c0;
             T* a = acc_all + ((nb * nct + ct) * taps + j) * MR * NR;
             const T* gyp = gy_cl.data() + p0 * ldg + b.y_off + nb * NR;
             if (cvalid == MR) {
