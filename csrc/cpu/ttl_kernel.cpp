@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/avx512_transpose.h"
 #include "common/cpu_features.h"
 #include "common/huge_pages.h"
 #include "common/ttl_math.h"
@@ -42,6 +43,7 @@ namespace t3d {
 namespace {
 
 #define T3D_INLINE inline __attribute__((always_inline))
+#define T3D_AVX512_FN __attribute__((target("avx512f,fma")))
 
 // float row kernels compiled for AVX-512, AVX2 and baseline x86-64, picked at load time
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -132,11 +134,42 @@ Problem make_problem(const at::Tensor& x, const std::vector<at::Tensor>& weights
 // 1. BN-ReLU + padding + box filter -> channels-last source tensor
 // ---------------------------------------------------------------------------------------------------------
 
+// One 16-channel block of a z plane from a channels-first frame whose H*W positions are contiguous (x: channel
+// c0's plane, channels cs apart): 16 positions x 16 channels per step, read as 16 channel rows, BN-ReLU'd and
+// transposed in registers, stored as 16 channels-last rows (the scalar loop gathers one float per channel and
+// position). x * scale, then + shift, in two roundings as the scalar bn_relu (the empty asm keeps the compiler
+// from fusing them into an FMA): the same bits.
+T3D_AVX512_FN void bn_relu_block16_avx512(const float* x, int64_t cs, int64_t npos, const float* scale,
+                                          const float* shift, int64_t C, float* out) {
+  __m512 sc[16], sh[16];
+  for (int cc = 0; cc < 16; ++cc) sc[cc] = _mm512_set1_ps(scale[cc]), sh[cc] = _mm512_set1_ps(shift[cc]);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t q0 = 0; q0 < npos; q0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, npos - q0));
+    const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xFFFFu : (1u << n) - 1);
+    __m512 r[16];
+    for (int cc = 0; cc < 16; ++cc) {
+      __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + cc * cs + q0), sc[cc]);
+      __asm__("" : "+v"(v));
+      r[cc] = _mm512_max_ps(_mm512_add_ps(v, sh[cc]), zero);  // max(v, +0): +0 for v <= 0 and NaN, as bn_relu
+    }
+    transpose16_regs(r);
+    for (int i = 0; i < n; ++i) _mm512_storeu_ps(out + (q0 + i) * C, r[i]);
+  }
+}
+
 // z plane (H, W, C) of sample n, frame t, from x with any strides
 template <typename T>
 void bn_relu_plane(const T* x, const int64_t* xs, int64_t n, int64_t t, int64_t C, int64_t H, int64_t W,
                    const T* scale, const T* shift, T* out) {
   const T* base = x + n * xs[0] + t * xs[2];
+  if constexpr (std::is_same_v<T, float>) {
+    if (xs[1] != 1 && xs[4] == 1 && (xs[3] == W || H == 1) && C % 16 == 0 && cpu_has_avx512_fma()) {
+      for (int64_t c0 = 0; c0 < C; c0 += 16)
+        bn_relu_block16_avx512(base + c0 * xs[1], xs[1], H * W, scale + c0, shift + c0, C, out + c0);
+      return;
+    }
+  }
   if (xs[1] == 1) {  // channels-last input: contiguous channels
     for (int64_t h = 0; h < H; ++h)
       for (int64_t w = 0; w < W; ++w) {

@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/avx512_transpose.h"
 #include "common/cpu_features.h"
 
 namespace t3d {
@@ -329,32 +330,6 @@ T3D_WINO void grad_output_piece(const float* gk, const Geo& g, const Piece& pc, 
       _mm512_mask_storeu_ps(Mb + ((3 * 4 + qh) * 4 + qw) * ms, lanes, _mm512_sub_ps(_mm512_setzero_ps(), b));
     }
   }
-}
-
-// out[i * ldo + j] = in[j * ldi + i] for a 16 x 16 block of floats
-T3D_WINO void transpose16(const float* in, int64_t ldi, float* out, int64_t ldo) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(in + i * ldi);
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 16; i += 8)
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
-    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + i * ldo, r[i]);
 }
 
 // dU[r * kp + (0..16 nv)] += sum over the block's tiles t of V[r * kTB + t] * Mt[t * kp + (0..16 nv)], MR input
