@@ -876,8 +876,13 @@ at::Tensor pack_transposed_weights(const at::Tensor& w, const Branch& b, int64_t
 // multiple of the stride s and (v - o0 - k)/s < n_out.
 T3D_INLINE bool tap_hits(int64_t v, int64_t o0, int64_t k, int64_t s, int64_t n_out, int64_t& out_idx) {
   const int64_t d = v - o0 - k;
-  if (d < 0 || d % s != 0) return false;
-  out_idx = d / s;
+  if (s == 2) {  // the pooling TTL: a parity test and a shift, not two 64-bit divisions per tap, row and dim
+    if (d < 0 || (d & 1)) return false;
+    out_idx = d >> 1;
+  } else {
+    if (d < 0 || d % s != 0) return false;
+    out_idx = d / s;
+  }
   return out_idx < n_out;
 }
 
@@ -926,8 +931,11 @@ void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vect
     for (int64_t ti = begin; ti < end; ++ti) {
       const Tile& tile = tiles[ti];
       const int64_t* pos = class_pos[tile.cls].data() + tile.first;
-      const int64_t v0 = pos[0];
-      const int64_t t_0 = v0 / (g.Hs * g.Ws), h_0 = (v0 / g.Ws) % g.Hs, w_0 = v0 % g.Ws;
+      // each row's (ts, hs, ws), decoded once per tile (the divisions had been redone for every tap)
+      int64_t rt[MR], rh[MR], rw[MR];
+      for (int r = 0; r < tile.count; ++r)
+        rt[r] = pos[r] / (g.Hs * g.Ws), rh[r] = (pos[r] / g.Ws) % g.Hs, rw[r] = pos[r] % g.Ws;
+      const int64_t t_0 = rt[0], h_0 = rh[0], w_0 = rw[0];
       for (int64_t bi = 0; bi < nb; ++bi) {
         const Branch& b = pb.branches[bi];
         tap_rows[bi].clear();
@@ -943,11 +951,9 @@ void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vect
               for (int r = 0; r < MR; ++r) {
                 const T* row = zero_row.data();
                 if (r < tile.count) {
-                  const int64_t v = pos[r];
-                  const int64_t ts = v / (g.Hs * g.Ws), hs = (v / g.Ws) % g.Hs, ws = v % g.Ws;
                   int64_t to, ho, wo;
-                  if (tap_hits(ts, b.t0, dt, s, g.To, to) && tap_hits(hs, b.h0, dh, s, g.Ho, ho) &&
-                      tap_hits(ws, b.w0, dw, s, g.Wo, wo)) {
+                  if (tap_hits(rt[r], b.t0, dt, s, g.To, to) && tap_hits(rh[r], b.h0, dh, s, g.Ho, ho) &&
+                      tap_hits(rw[r], b.w0, dw, s, g.Wo, wo)) {
                     row = gy_cl + (tile.n * pb.Mo + (to * g.Ho + ho) * g.Wo + wo) * ldg + b.y_off;
                     any = true;
                   }
