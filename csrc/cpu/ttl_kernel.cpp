@@ -923,65 +923,92 @@ void source_grad(const T* gy_cl, int64_t ldg, const Problem& pb, const std::vect
       for (int64_t f = 0; f < (int64_t)class_pos[cls].size(); f += MR)
         tiles.push_back({n, cls, f, std::min<int64_t>(MR, class_pos[cls].size() - f)});
   const int64_t nb = (int64_t)pb.branches.size();
-  at::parallel_for(0, (int64_t)tiles.size(), 1, [&](int64_t begin, int64_t end) {
-    // per branch: the taps that land on this tile's parity class, and each row's gy row (or a zero row)
-    std::vector<std::vector<const T*>> tap_rows(nb);
-    std::vector<std::vector<int64_t>> tap_ids(nb);
-    std::vector<const T*> wt;
-    for (int64_t ti = begin; ti < end; ++ti) {
-      const Tile& tile = tiles[ti];
-      const int64_t* pos = class_pos[tile.cls].data() + tile.first;
-      // each row's (ts, hs, ws), decoded once per tile (the divisions had been redone for every tap)
-      int64_t rt[MR], rh[MR], rw[MR];
-      for (int r = 0; r < tile.count; ++r)
-        rt[r] = pos[r] / (g.Hs * g.Ws), rh[r] = (pos[r] / g.Ws) % g.Hs, rw[r] = pos[r] % g.Ws;
-      const int64_t t_0 = rt[0], h_0 = rh[0], w_0 = rw[0];
-      for (int64_t bi = 0; bi < nb; ++bi) {
-        const Branch& b = pb.branches[bi];
-        tap_rows[bi].clear();
-        tap_ids[bi].clear();
-        for (int64_t dt = 0; dt < b.depth; ++dt) {
-          if ((t_0 - b.t0 - dt) % s != 0) continue;
-          for (int64_t dh = 0; dh < b.kh; ++dh) {
-            if ((h_0 - b.h0 - dh) % s != 0) continue;
-            for (int64_t dw = 0; dw < b.kw; ++dw) {
-              if ((w_0 - b.w0 - dw) % s != 0) continue;
-              bool any = false;
-              const size_t at_ = tap_rows[bi].size();
-              for (int r = 0; r < MR; ++r) {
-                const T* row = zero_row.data();
-                if (r < tile.count) {
-                  int64_t to, ho, wo;
-                  if (tap_hits(rt[r], b.t0, dt, s, g.To, to) && tap_hits(rh[r], b.h0, dh, s, g.Ho, ho) &&
-                      tap_hits(rw[r], b.w0, dw, s, g.Wo, wo)) {
-                    row = gy_cl + (tile.n * pb.Mo + (to * g.Ho + ho) * g.Wo + wo) * ldg + b.y_off;
-                    any = true;
+  // Tiles go in chunks of kChunk: per channel block, branch and group of taps (dgrad_block_taps), the chunk's
+  // tiles take turns, so a group's packed weights (cout x NR floats: 16 KB at TTL2) are read from L1 by all the
+  // chunk's tiles instead of streaming every tap's weights from L2 for each tile. Each tile still adds its groups
+  // into its accumulator in the same order (branch, then group): the same sums.
+  constexpr int64_t kChunk = 8;
+  at::parallel_for(0, (int64_t)tiles.size(), kChunk, [&](int64_t begin, int64_t end) {
+    // per tile of the chunk and branch: the taps that land on the tile's parity class, and each row's gy row (or a
+    // zero row)
+    std::vector<std::vector<std::vector<const T*>>> tap_rows(kChunk, std::vector<std::vector<const T*>>(nb));
+    std::vector<std::vector<std::vector<int64_t>>> tap_ids(kChunk, std::vector<std::vector<int64_t>>(nb));
+    std::vector<std::vector<const T*>> wt(kChunk);
+    std::vector<T> acc_buf(kChunk * MR * NR + 16);
+    T* acc = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(acc_buf.data()) + 63) & ~uintptr_t(63));
+    for (int64_t cb = begin; cb < end; cb += kChunk) {
+      const int64_t nt = std::min(kChunk, end - cb);
+      for (int64_t k = 0; k < nt; ++k) {
+        const Tile& tile = tiles[cb + k];
+        const int64_t* pos = class_pos[tile.cls].data() + tile.first;
+        // each row's (ts, hs, ws), decoded once per tile (the divisions had been redone for every tap)
+        int64_t rt[MR], rh[MR], rw[MR];
+        for (int r = 0; r < tile.count; ++r)
+          rt[r] = pos[r] / (g.Hs * g.Ws), rh[r] = (pos[r] / g.Ws) % g.Hs, rw[r] = pos[r] % g.Ws;
+        const int64_t t_0 = rt[0], h_0 = rh[0], w_0 = rw[0];
+        for (int64_t bi = 0; bi < nb; ++bi) {
+          const Branch& b = pb.branches[bi];
+          auto& rows_k = tap_rows[k][bi];
+          auto& ids_k = tap_ids[k][bi];
+          rows_k.clear();
+          ids_k.clear();
+          for (int64_t dt = 0; dt < b.depth; ++dt) {
+            if ((t_0 - b.t0 - dt) % s != 0) continue;
+            for (int64_t dh = 0; dh < b.kh; ++dh) {
+              if ((h_0 - b.h0 - dh) % s != 0) continue;
+              for (int64_t dw = 0; dw < b.kw; ++dw) {
+                if ((w_0 - b.w0 - dw) % s != 0) continue;
+                bool any = false;
+                const size_t at_ = rows_k.size();
+                for (int r = 0; r < MR; ++r) {
+                  const T* row = zero_row.data();
+                  if (r < tile.count) {
+                    int64_t to, ho, wo;
+                    if (tap_hits(rt[r], b.t0, dt, s, g.To, to) && tap_hits(rh[r], b.h0, dh, s, g.Ho, ho) &&
+                        tap_hits(rw[r], b.w0, dw, s, g.Wo, wo)) {
+                      row = gy_cl + (tile.n * pb.Mo + (to * g.Ho + ho) * g.Wo + wo) * ldg + b.y_off;
+                      any = true;
+                    }
                   }
+                  rows_k.push_back(row);
                 }
-                tap_rows[bi].push_back(row);
+                if (any)
+                  ids_k.push_back((dt * b.kh + dh) * b.kw + dw);
+                else
+                  rows_k.resize(at_);
               }
-              if (any)
-                tap_ids[bi].push_back((dt * b.kh + dh) * b.kw + dw);
-              else
-                tap_rows[bi].resize(at_);
             }
           }
         }
       }
       for (int64_t cbi = 0; cbi < ncb; ++cbi) {
         const int64_t c0 = cbi * NR, cvalid = std::min<int64_t>(NR, C - c0);
-        alignas(64) T a[MR * NR] = {};
+        std::fill(acc, acc + nt * MR * NR, T(0));
         for (int64_t bi = 0; bi < nb; ++bi) {
-          if (tap_ids[bi].empty()) continue;
           const Branch& b = pb.branches[bi];
-          const int64_t taps = b.depth * b.kh * b.kw;
-          const T* wbase = packed[bi].data_ptr<T>() + cbi * taps * b.cout * NR;
-          wt.clear();
-          for (int64_t j : tap_ids[bi]) wt.push_back(wbase + j * b.cout * NR);
-          dgrad_tile_mv(tap_rows[bi].data(), wt.data(), (int)wt.size(), b.cout, a, cvalid);
+          const int64_t taps = b.depth * b.kh * b.kw, group = dgrad_block_taps(b.cout);
+          const T* wbase = packed[bi].template data_ptr<T>() + cbi * taps * b.cout * NR;
+          int64_t most = 0;
+          for (int64_t k = 0; k < nt; ++k) {
+            wt[k].clear();
+            for (int64_t j : tap_ids[k][bi]) wt[k].push_back(wbase + j * b.cout * NR);
+            most = std::max<int64_t>(most, (int64_t)wt[k].size());
+          }
+          for (int64_t j0 = 0; j0 < most; j0 += group)
+            for (int64_t k = 0; k < nt; ++k) {
+              const int64_t n_k = (int64_t)wt[k].size();
+              if (j0 >= n_k) continue;
+              dgrad_tile_mv(tap_rows[k][bi].data() + j0 * MR, wt[k].data() + j0, (int)std::min(group, n_k - j0),
+                            b.cout, acc + k * MR * NR, cvalid);
+            }
         }
-        for (int r = 0; r < tile.count; ++r)
-          std::memcpy(gsrc + (tile.n * g.Ts * g.Hs * g.Ws + pos[r]) * pb.Cs + c0, a + r * NR, cvalid * sizeof(T));
+        for (int64_t k = 0; k < nt; ++k) {
+          const Tile& tile = tiles[cb + k];
+          const int64_t* pos = class_pos[tile.cls].data() + tile.first;
+          for (int r = 0; r < tile.count; ++r)
+            std::memcpy(gsrc + (tile.n * g.Ts * g.Hs * g.Ws + pos[r]) * pb.Cs + c0, acc + (k * MR + r) * NR,
+                        cvalid * sizeof(T));
+        }
       }
     }
   });
