@@ -41,6 +41,7 @@
 #include "common/dense_block_math.h"
 #include "common/dispatch.h"
 #include "common/huge_pages.h"
+#include "common/vec16.h"
 #include "cpu/winograd_conv3d.h"
 #include "dense_block.h"
 
@@ -132,22 +133,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, scalar_t 
 // (GCC vector extensions; sums in float lanes over blocks of kSumBlock, then in double) and compiled for AVX-512,
 // AVX2 and the baseline, picked at load time (target_clones); the double versions (tests) are plain loops.
 // ---------------------------------------------------------------------------------------------------------------
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define T3D_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define T3D_CLONES
-#endif
-
-typedef float v16f __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
+constexpr int64_t kLanes = 16;  // of a v16f (common/vec16.h)
 constexpr int64_t kSumBlock = 1024;
 
-inline v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
 inline v16f splat16(float s) { return v16f{} + s; }
 inline float hsum16(v16f v) {
   float s = 0;

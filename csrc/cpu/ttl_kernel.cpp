@@ -3,7 +3,8 @@
 //
 // Pieces (forward):
 //   1. build_source: BN-ReLU + zero padding + the separable 2x2x2 box filter in one pass over x, written
-//      channels-last: src (N, Ts, Hs, Ws, Cs), Cs >= C elements per position (source_position_stride). Not kept for backward (recomputed there).
+//      channels-last: src (N, Ts, Hs, Ws, Cs), Cs >= C elements per position (source_position_stride). Not kept
+//      for backward (recomputed there).
 //   2. conv_forward: per branch, an implicit GEMM  y[p, o] = sum_{tap, c} src[row(p) + tap, c] * W[o, c, tap]
 //      through an indirection of row offsets (XNNPACK's indirect convolution): output positions p are
 //      register-tile rows, output channels are vector lanes, the input channel is the reduction. Stride 2 costs
@@ -37,6 +38,7 @@
 #include "common/cpu_features.h"
 #include "common/huge_pages.h"
 #include "common/ttl_math.h"
+#include "common/vec16.h"
 #include "ttl.h"
 
 namespace t3d {
@@ -44,21 +46,6 @@ namespace {
 
 #define T3D_INLINE inline __attribute__((always_inline))
 #define T3D_AVX512_FN __attribute__((target("avx512f,fma")))
-
-// float row kernels compiled for AVX-512, AVX2 and baseline x86-64, picked at load time
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define T3D_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define T3D_CLONES
-#endif
-typedef float v16f __attribute__((vector_size(64)));
-
-inline v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
 
 template <typename T>
 constexpr int kLanes = 64 / sizeof(T);  // one 64-byte vector (an AVX-512 register) of T
@@ -134,6 +121,10 @@ Problem make_problem(const at::Tensor& x, const std::vector<at::Tensor>& weights
 // 1. BN-ReLU + padding + box filter -> channels-last source tensor
 // ---------------------------------------------------------------------------------------------------------
 
+// whether the (h, w) plane of a channel (strides s of an (N, C, T, H, W) tensor) is one contiguous row; where it is
+// not, input_grad gathers it into / scatters it out of a buffer
+bool plane_is_row(const int64_t* s, int64_t H, int64_t W) { return s[4] == 1 && (s[3] == W || H == 1); }
+
 // One 16-channel block of a z plane from a channels-first frame whose H*W positions are contiguous (x: channel
 // c0's plane, channels cs apart): 16 positions x 16 channels per step, read as 16 channel rows, BN-ReLU'd and
 // transposed in registers, stored as 16 channels-last rows (the scalar loop gathers one float per channel and
@@ -164,7 +155,7 @@ void bn_relu_plane(const T* x, const int64_t* xs, int64_t n, int64_t t, int64_t 
                    const T* scale, const T* shift, T* out) {
   const T* base = x + n * xs[0] + t * xs[2];
   if constexpr (std::is_same_v<T, float>) {
-    if (xs[1] != 1 && xs[4] == 1 && (xs[3] == W || H == 1) && C % 16 == 0 && cpu_has_avx512_fma()) {
+    if (xs[1] != 1 && plane_is_row(xs, H, W) && C % 16 == 0 && cpu_has_avx512_fma()) {
       for (int64_t c0 = 0; c0 < C; c0 += 16)
         bn_relu_block16_avx512(base + c0 * xs[1], xs[1], H * W, scale + c0, shift + c0, C, out + c0);
       return;
@@ -1084,10 +1075,6 @@ void row_bn_correct(const T* x, T* g, int64_t len, T sc, T kx, T k0) {
   for (int64_t j = 0; j < len; ++j) g[j] = sc * g[j] + kx * x[j] + k0;
 }
 
-// a strided (h, w) plane of a channel, as a contiguous row: gathered into / scattered out of `buf` unless it is one
-bool plane_is_row(const int64_t* s, const TtlGeometry& g) {
-  return s[4] == 1 && (s[3] == g.W || g.H == 1);
-}
 
 // The box adjoint of one block of 16 channels of frame plane f1 (and f0, the frame before it, or null; positions ld
 // floats apart), float:
@@ -1124,7 +1111,7 @@ void input_grad(const T* gsrc, const at::Tensor& x, const Problem& pb, const T* 
   T* gp = grad_x.data_ptr<T>();
   const int64_t xs[5] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
   const int64_t gs[5] = {grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3), grad_x.stride(4)};
-  const bool x_row = plane_is_row(xs, g), g_row = plane_is_row(gs, g);
+  const bool x_row = plane_is_row(xs, g.H, g.W), g_row = plane_is_row(gs, g.H, g.W);
   const int nthreads = at::get_num_threads();
   std::vector<T> partial(2 * C * nthreads, T(0));
   const int64_t Cs = pb.Cs, plane = g.Hs * g.Ws * Cs;
